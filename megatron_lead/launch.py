@@ -1,0 +1,75 @@
+"""Run a function on N local processes joined in one gloo (CPU) process group.
+
+Used by the replay tool's `--ranks N`, the multi-process tests, and CPU runs of the trainer
+without torchrun. Each rank's return value comes back to the caller, in rank order; an
+exception on any rank is re-raised here with that rank's traceback text.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, store: str, fn: Callable, args: tuple, queue) -> None:
+    # MASTER_* are for libraries that read them; our group rendezvous through a file, so a port
+    # taken by another process between free_port() and here cannot break the start.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+        queue.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float = 600.0) -> list:
+    """Call fn(rank, world_size, *args) on `world_size` processes; return the results by rank.
+
+    fn must be importable at module level (spawned processes re-import it).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    store_dir = tempfile.mkdtemp(prefix="megatron-lead-rdzv-")
+    store = os.path.join(store_dir, "store")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, store, fn, args, queue), daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, ok, value = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank} failed:\n{value}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
