@@ -8,6 +8,7 @@ exception on any rank is re-raised here with that rank's traceback text.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import socket
 import tempfile
@@ -31,7 +32,12 @@ def _worker(rank: int, world_size: int, port: int, store: str, fn: Callable, arg
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-        queue.put((rank, True, fn(rank, world_size, *args)))
+        dist.barrier()  # every rank has its connections before any rank can finish and close them
+        # Pickled to bytes here: a tensor put on the queue as is travels as a shared-memory handle
+        # that dies with this process, before the parent has read it.
+        result = pickle.dumps(fn(rank, world_size, *args))
+        dist.barrier()  # no rank tears the group down while another still uses it
+        queue.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -59,7 +65,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float = 6
         for _ in range(world_size):
             rank, ok, value = queue.get(timeout=timeout)
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break

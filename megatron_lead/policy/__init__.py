@@ -1,0 +1,1 @@
+"""The policy on Megatron-Core: parallel groups, model, forward, conversion (heavy imports inside)."""

@@ -1,0 +1,1 @@
+"""HF <-> Megatron weights: per-family tables, offline conversion, in-memory gather."""

@@ -1,0 +1,240 @@
+"""Megatron checkpoints of this project, and conversion from / to HF folders.
+
+On-disk layout of a Megatron checkpoint DIR (fixed TP x PP):
+  DIR/megatron_lead.json               {"format", "family", "tp", "pp", "padded_vocab_size", "arch",
+                                        "hf_config"}
+  DIR/model_tp{t}_pp{p}.safetensors    the Megatron state_dict of rank (tp_rank=t, pp_rank=p):
+                                        local-spec names, stage-local layer indices, TP shards
+  DIR/hf/                              the source HF config, tokenizer and generation files
+                                        (copied back on export)
+
+Conversions run in one process: HF -> Megatron slices each HF tensor as each shard is written
+(reading only the rows a shard needs); Megatron -> HF merges one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_lead.policy.convert import hf_io
+from megatron_lead.policy.convert.arch import (
+    ModelArch, arch_from_hf, check_parallel_sizes, load_hf_config, padded_vocab_size)
+from megatron_lead.policy.convert.mapping import (
+    TE_ALIASES, hf_from_shards, placements, shard_from_hf)
+
+META_FILE = "megatron_lead.json"
+HF_FILES_DIR = "hf"
+FORMAT = 1
+TIED_OUTPUT = "output_layer.weight"  # last stage's copy of a tied embedding (PP > 1)
+
+
+def shard_file(tp_rank: int, pp_rank: int) -> str:
+    return f"model_tp{tp_rank}_pp{pp_rank}.safetensors"
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt_dir} is not a megatron-lead checkpoint (no {META_FILE})")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def _meta(arch: ModelArch, hf_config: dict, tp: int, pp: int) -> dict:
+    return {"format": FORMAT, "family": arch.family, "tp": tp, "pp": pp,
+            "padded_vocab_size": padded_vocab_size(arch.vocab_size, tp),
+            "arch": arch.to_dict(), "hf_config": hf_config}
+
+
+def _tied_copy_needed(arch: ModelArch, pp: int) -> bool:
+    return arch.tie_embeddings and pp > 1
+
+
+def _ignorable(hf_name: str, arch: ModelArch) -> bool:
+    # Old checkpoints store RoPE buffers; some tied ones also store the (equal) lm_head copy.
+    return hf_name.endswith("rotary_emb.inv_freq") or (
+        arch.tie_embeddings and hf_name == "lm_head.weight")
+
+
+def megatron_shard_from_hf(reader, arch: ModelArch, tp: int, pp: int, tp_rank: int,
+                           pp_rank: int) -> dict[str, torch.Tensor]:
+    """The Megatron state dict of rank (tp_rank, pp_rank), read from an HF tensor reader."""
+    padded = padded_vocab_size(arch.vocab_size, tp)
+    out = {}
+    for p in placements(arch, pp):
+        if p.stage == pp_rank:
+            out[p.megatron_name] = shard_from_hf(p, reader, arch, tp, tp_rank, padded)
+    if _tied_copy_needed(arch, pp) and pp_rank == pp - 1:
+        embed = next(p for p in placements(arch, pp) if p.rule.where == "first")
+        out[TIED_OUTPUT] = shard_from_hf(embed, reader, arch, tp, tp_rank, padded)
+    return out
+
+
+def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
+                   overwrite: bool = False) -> None:
+    """Convert an HF folder into a Megatron checkpoint for tp x pp ranks, one shard at a time."""
+    hf_config = load_hf_config(hf_dir)
+    arch = arch_from_hf(hf_config)
+    check_parallel_sizes(arch, tp, pp)
+    with hf_io.HFReader(hf_dir) as reader, hf_io.atomic_dir(out_dir, overwrite) as tmp:
+        expected = {n for p in placements(arch, pp) for n in p.hf_names}
+        unknown = sorted(n for n in set(reader.names()) - expected if not _ignorable(n, arch))
+        if unknown:
+            raise ValueError(f"HF checkpoint {hf_dir} has tensors the {arch.family} table does not "
+                             f"map: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                shard = megatron_shard_from_hf(reader, arch, tp, pp, tp_rank, pp_rank)
+                save_file({k: v.contiguous() for k, v in shard.items()},
+                          os.path.join(tmp, shard_file(tp_rank, pp_rank)), metadata={"format": "pt"})
+                del shard
+        os.makedirs(os.path.join(tmp, HF_FILES_DIR))
+        hf_io.copy_hf_side_files(hf_dir, os.path.join(tmp, HF_FILES_DIR))
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(_meta(arch, hf_config, tp, pp), f, indent=2)
+
+
+def _iter_hf_from_megatron_files(ckpt_dir: str, meta: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    arch = ModelArch(**meta["arch"])
+    tp, pp = meta["tp"], meta["pp"]
+    with ExitStack() as stack:
+        handles = {}
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                path = os.path.join(ckpt_dir, shard_file(tp_rank, pp_rank))
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"checkpoint {ckpt_dir} is missing shard file "
+                                            f"{shard_file(tp_rank, pp_rank)}")
+                handles[tp_rank, pp_rank] = stack.enter_context(
+                    safe_open(path, framework="pt", device="cpu"))
+        for p in placements(arch, pp):
+            shards = []
+            for tp_rank in range(tp):
+                handle = handles[tp_rank, p.stage]
+                if p.megatron_name not in handle.keys():
+                    raise ValueError(f"checkpoint {ckpt_dir} is missing tensor {p.megatron_name!r} "
+                                     f"in {shard_file(tp_rank, p.stage)}")
+                shards.append(handle.get_tensor(p.megatron_name))
+            yield from zip(p.hf_names, hf_from_shards(p, shards, arch))
+
+
+def megatron_to_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> None:
+    """Export a Megatron checkpoint folder as an HF folder (safetensors + config + tokenizer)."""
+    meta = read_meta(ckpt_dir)
+    side = os.path.join(ckpt_dir, HF_FILES_DIR)
+    hf_io.write_hf_folder(_iter_hf_from_megatron_files(ckpt_dir, meta), out_dir,
+                          side_files_dir=side if os.path.isdir(side) else None,
+                          config=None if os.path.isdir(side) else meta["hf_config"],
+                          overwrite=overwrite)
+
+
+def model_tensors(model) -> dict[str, torch.Tensor]:
+    """A GPTModel's parameters under canonical (local-spec) names; TE names mapped back."""
+    from megatron_lead.policy.model import unwrap
+
+    out = {}
+    for name, tensor in unwrap(model).state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state") or tensor is None:
+            continue
+        for canonical, te_name in TE_ALIASES.items():
+            if name.endswith(te_name):
+                name = name[: -len(te_name)] + canonical
+        out[name] = tensor
+    return out
+
+
+def load_megatron_checkpoint(model_chunks: list, ckpt_dir: str) -> None:
+    """Load this rank's shard into a model built (build_model) for the same model at the same TP x PP."""
+    from megatron.core import parallel_state
+
+    from megatron_lead.policy.model import unwrap
+
+    meta = read_meta(ckpt_dir)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (meta["tp"], meta["pp"]) != (tp, pp):
+        raise ValueError(f"checkpoint {ckpt_dir} was written for tp={meta['tp']} pp={meta['pp']}, "
+                         f"this run uses tp={tp} pp={pp}")
+    arch = unwrap(model_chunks[0]).arch
+    if ModelArch(**meta["arch"]) != arch:
+        diff = [k for k, v in arch.to_dict().items() if meta["arch"].get(k) != v]
+        raise ValueError(f"checkpoint {ckpt_dir} is for a different model ({', '.join(diff)} differ)")
+    path = os.path.join(ckpt_dir, shard_file(parallel_state.get_tensor_model_parallel_rank(),
+                                             parallel_state.get_pipeline_model_parallel_rank()))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} is missing shard file {os.path.basename(path)}")
+    targets = model_tensors(model_chunks[0])
+    with safe_open(path, framework="pt", device="cpu") as f:
+        stored = set(f.keys())
+        missing = sorted(set(targets) - stored)
+        if missing:
+            raise ValueError(f"checkpoint {ckpt_dir} is missing tensor {missing[0]!r} in "
+                             f"{os.path.basename(path)}" + (f" (+{len(missing) - 1} more)"
+                                                            if len(missing) > 1 else ""))
+        unexpected = sorted(stored - set(targets))
+        if unexpected:
+            raise ValueError(f"checkpoint {ckpt_dir} has tensor {unexpected[0]!r} the model lacks")
+        with torch.no_grad():
+            for name, target in targets.items():
+                value = f.get_tensor(name)
+                if value.shape != target.shape:
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
+                                     f"the model expects {tuple(target.shape)}")
+                target.copy_(value)
+
+
+def save_megatron_checkpoint(model_chunks: list, out_dir: str, hf_source_dir: str | None = None) -> None:
+    """Collective: the ranks of data-parallel replica 0 write their shards into out_dir.
+
+    Shards go to a temp folder that rank 0 renames once every rank has written. hf_source_dir:
+    an HF folder whose config/tokenizer files are kept for export.
+    """
+    import shutil
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_lead.policy.model import unwrap
+
+    model = unwrap(model_chunks[0])
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    rank = dist.get_rank()
+    tmp = [hf_io.make_temp_dir(out_dir, overwrite=True) if rank == 0 else None]
+    dist.broadcast_object_list(tmp, src=0)
+    error = None
+    try:
+        if parallel_state.get_data_parallel_rank() == 0:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_tensors(model).items()}
+            name = shard_file(parallel_state.get_tensor_model_parallel_rank(),
+                              parallel_state.get_pipeline_model_parallel_rank())
+            save_file(tensors, os.path.join(tmp[0], name), metadata={"format": "pt"})
+        if rank == 0:
+            if hf_source_dir:
+                os.makedirs(os.path.join(tmp[0], HF_FILES_DIR))
+                hf_io.copy_hf_side_files(hf_source_dir, os.path.join(tmp[0], HF_FILES_DIR))
+            with open(os.path.join(tmp[0], META_FILE), "w") as f:
+                json.dump(_meta(model.arch, model.hf_config, tp, pp), f, indent=2)
+    except Exception as e:  # noqa: BLE001 - every rank must reach the all_gather below
+        error = f"rank {rank}: {e}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    errors = [e for e in errors if e]
+    if rank == 0:
+        if errors:
+            shutil.rmtree(tmp[0], ignore_errors=True)
+        else:
+            hf_io.commit_dir(tmp[0], out_dir)
+    dist.barrier()
+    if errors:
+        raise OSError(f"saving checkpoint {out_dir} failed: {errors[0]}")

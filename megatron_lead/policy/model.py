@@ -1,0 +1,272 @@
+"""The policy: a Megatron-Core GPTModel built from a Hugging Face config, and its forward pass.
+
+`build_model` returns this rank's model chunks (a list, as Megatron's schedules take it) for the
+current TP x PP layout (set up first with `policy.parallel.init_parallel`). `forward_backward`
+runs micro-batches through Megatron's pipeline schedules (`get_forward_backward_func`), so the
+same code serves PP=1 and PP>1; `forward_logits` is its forward-only use.
+
+Logits are vocab-parallel: [b, s, padded_vocab / tp] on each TP rank of the LAST pipeline stage,
+in TP-rank order. Columns past the HF vocab (padding added for TP) are set to -inf, so a softmax
+over the padded vocab equals the softmax over the real one.
+
+Positions: Megatron applies RoPE to positions 0..s-1 of every row (it ignores position_ids), so
+rows must start at position 0 — right-padded batches, not left-padded ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from megatron_lead.policy import cpu_compat
+from megatron_lead.policy.convert.arch import (
+    ModelArch, arch_from_hf, check_parallel_sizes, load_hf_config, padded_vocab_size)
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match torch
+        return False
+    return True
+
+
+def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, **overrides):
+    """Megatron TransformerConfig for `arch` at the current TP x PP sizes."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_cpu = cpu_compat.needed()
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        gated_linear_unit=True,                      # SwiGLU: silu(gate) * up
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        # RL needs the exact policy: no dropout, and the HF models have none either.
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=on_cpu,
+        # Fused kernels that need Apex/TE stay off (neither is on every machine); on GPU, the two
+        # Megatron fuses itself (SwiGLU, vocab-parallel cross entropy) are on.
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        bias_activation_fusion=not on_cpu,
+        cross_entropy_loss_fusion=not on_cpu,
+        cross_entropy_fusion_impl="native",
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(attention: str = "auto"):
+    """Layer spec: "te" (Transformer Engine), "sdpa" (local spec + SDPA), "local" (Megatron's
+    unfused DotProductAttention, needs an explicit mask), or "auto" (te if importable, else sdpa)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
+
+    if attention == "auto":
+        attention = "te" if have_transformer_engine() else "sdpa"
+    if attention == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    if attention not in ("sdpa", "local"):
+        raise ValueError(f"unknown attention {attention!r}; use auto, te, sdpa or local")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa":
+        from megatron_lead.policy.attention import SDPACoreAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def build_model(hf_config: Any, dtype: torch.dtype = torch.float32, attention: str = "auto",
+                init_weights: bool = True, **config_overrides) -> list:
+    """This rank's model chunks (one GPTModel) for the current TP x PP groups.
+
+    hf_config: HF model folder, config.json path, dict or PretrainedConfig (Qwen2 / Llama).
+    init_weights=False skips Megatron's random init (faster when a checkpoint is loaded next).
+    The model is on the current CUDA device, or on CPU without CUDA; in train mode.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    cpu_compat.apply()
+    hf_config = load_hf_config(hf_config)
+    arch = arch_from_hf(hf_config)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    check_parallel_sizes(arch, tp, pp)
+    config = transformer_config(arch, dtype, perform_initialization=init_weights,
+                                **config_overrides)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(attention),
+        vocab_size=padded_vocab_size(arch.vocab_size, tp),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+    )
+    if not init_weights:
+        _mark_tensor_parallel_weights(model)
+    # The loader, the gather, the forward and checkpoint saving read these from the model.
+    model.arch = arch
+    model.hf_config = hf_config
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return [model]
+
+
+def _mark_tensor_parallel_weights(model) -> None:
+    """Tag split weights as tensor-parallel, as Megatron's random init would have.
+
+    Megatron sets `tensor_model_parallel` / `partition_dim` on a layer's weight only inside its
+    init routine, which perform_initialization=False skips; without the tags the grad norm (and
+    so clipping) counts those weights on TP rank 0 only.
+    """
+    from megatron.core import tensor_parallel as mtp
+
+    dims = ((mtp.VocabParallelEmbedding, 0), (mtp.ColumnParallelLinear, 0), (mtp.RowParallelLinear, 1))
+    for module in model.modules():
+        for cls, dim in dims:
+            weight = getattr(module, "weight", None)
+            if isinstance(module, cls) and weight is not None and not hasattr(weight, "partition_dim"):
+                mtp.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
+def unwrap(module):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while not hasattr(module, "arch") and hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def mask_vocab_padding(logits: torch.Tensor, arch: ModelArch) -> torch.Tensor:
+    """Set this TP rank's logit columns past arch.vocab_size to -inf (in place; autograd-safe)."""
+    from megatron.core import parallel_state
+
+    part = logits.size(-1)
+    start = parallel_state.get_tensor_model_parallel_rank() * part
+    first_pad = arch.vocab_size - start
+    if first_pad < part:
+        logits[..., max(first_pad, 0):] = float("-inf")
+    return logits
+
+
+def forward_backward(model_chunks: list, micro_batches: Iterable[dict],
+                     loss_fn: Callable | None, *, forward_only: bool,
+                     collect: Callable | None = None) -> list:
+    """Run micro-batches through Megatron's schedule for the current PP size.
+
+    micro_batches: dicts with "tokens" [mbs, s] (int64; all the same shape) plus anything the
+    loss needs; optional "attention_mask" (bool [mbs, 1, s, s], True = masked, replaces causal).
+    loss_fn(logits, batch) -> (loss_sum, num_tokens, metrics_dict): called on the last stage with
+    vocab-parallel logits [mbs, s, V/tp]; Megatron divides loss_sum by num_tokens (with
+    calculate_per_token_loss=False) and by the number of micro-batches, then backpropagates.
+    collect(logits, batch) -> anything: forward-only alternative to loss_fn; its results are
+    returned in micro-batch order on the last stage.
+    Returns the per-micro-batch metrics (or collect results) on the last stage, [] elsewhere.
+    The caller zeroes grads / steps the optimizer; this only runs forward (+ backward).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batches = list(micro_batches)
+    if not micro_batches:
+        return []
+    if collect is not None and not forward_only:
+        raise ValueError("collect= is for forward_only runs")
+    if (loss_fn is None) == (collect is None):
+        raise ValueError("pass exactly one of loss_fn and collect")
+    mbs, seq = micro_batches[0]["tokens"].shape
+    for mb in micro_batches:
+        if mb["tokens"].shape != (mbs, seq):
+            raise ValueError(f"micro-batch tokens {tuple(mb['tokens'].shape)} differ from "
+                             f"the first one's {(mbs, seq)}")
+    arch = unwrap(model_chunks[0]).arch
+    device = next(unwrap(model_chunks[0]).parameters()).device
+    batches = iter(micro_batches)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        positions = torch.arange(seq, device=device).unsqueeze(0).expand(tokens.size(0), -1)
+        mask = batch.get("attention_mask")
+        output = model(input_ids=tokens, position_ids=positions,
+                       attention_mask=None if mask is None else mask.to(device))
+
+        def finish(logits, non_loss_data=False):
+            logits = mask_vocab_padding(logits, arch)
+            if non_loss_data:
+                return collect(logits, batch)
+            return loss_fn(logits, batch)
+
+        return output, finish
+
+    forward_backward_func = get_forward_backward_func()
+    return forward_backward_func(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=model_chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=seq,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+        collect_non_loss_data=collect is not None,
+    )
+
+
+@torch.no_grad()
+def forward_logits(model_chunks: list, tokens: torch.Tensor, micro_batch_size: int | None = None,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Vocab-parallel logits [b, s, padded_vocab/tp] of tokens [b, s] (eval mode, no grad).
+
+    Returns the logits on the last pipeline stage and None on the others. The model's
+    train/eval mode is restored afterwards.
+    """
+    b = tokens.size(0)
+    mbs = micro_batch_size or b
+    if b % mbs:
+        raise ValueError(f"batch size {b} is not divisible by micro_batch_size {mbs}")
+    micro_batches = []
+    for i in range(0, b, mbs):
+        mb = {"tokens": tokens[i:i + mbs]}
+        if attention_mask is not None:
+            mb["attention_mask"] = attention_mask[i:i + mbs] if attention_mask.size(0) == b \
+                else attention_mask
+        micro_batches.append(mb)
+    modes = [m.training for m in model_chunks]
+    for m in model_chunks:
+        m.eval()
+    try:
+        outs = forward_backward(model_chunks, micro_batches, None, forward_only=True,
+                                collect=lambda logits, batch: logits)
+    finally:
+        for m, mode in zip(model_chunks, modes):
+            m.train(mode)
+    from megatron.core import parallel_state
+
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return torch.cat(outs, dim=0)

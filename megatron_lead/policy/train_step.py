@@ -1,0 +1,142 @@
+"""One PPO optimisation step of the policy, and the forward-only log-prob passes it needs.
+
+    train_step:  zero grads -> forward+backward of every micro-batch (Megatron's schedule, so
+                 PP > 1 works) -> clip + Adam update + lr schedule -> global token-mean metrics
+
+Tensors of a micro-batch are [b, s] and aligned with its tokens (column t is about tokens[:, t];
+see logprobs.sequence_logprobs). Rows are right-padded (the model needs position 0 first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_lead.policy.logprobs import sequence_logprobs
+from megatron_lead.policy.loss import LossConfig, policy_loss
+from megatron_lead.policy.model import forward_backward
+from megatron_lead.policy.optim import optimizer_step
+from megatron_lead.policy.reference import ReferenceWeights
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor
+    """[b, s] int64 prompt + response ids, right-padded."""
+    response_mask: torch.Tensor
+    """[b, s] bool, True on response tokens (the ones the loss is over)."""
+    advantages: torch.Tensor
+    """[b, s] per token, or [b] per rollout (broadcast to its response tokens)."""
+    old_logprobs: torch.Tensor | None = None
+    """[b, s] log-probs of the tokens under the policy that sampled them, of logits / temperature.
+    Read on the last pipeline stage only (forward_logprobs returns them there)."""
+    ref_logprobs: torch.Tensor | None = None
+    """[b, s] log-probs under the frozen reference, when the KL term is on. Last stage only."""
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def split_micro_batches(micro_batch_size: int, **tensors: torch.Tensor | None) -> list[MicroBatch]:
+    """Cut [B, ...] tensors (the MicroBatch fields, by name) into micro-batches of the given size."""
+    size = tensors["tokens"].size(0)
+    if micro_batch_size < 1 or size % micro_batch_size:
+        raise ValueError(f"batch size {size} is not divisible by micro_batch_size {micro_batch_size}")
+    return [
+        MicroBatch(**{k: None if v is None else v[i:i + micro_batch_size] for k, v in tensors.items()})
+        for i in range(0, size, micro_batch_size)
+    ]
+
+
+@torch.no_grad()
+def forward_logprobs(model: list, micro_batches: list[MicroBatch],
+                     temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per-micro-batch token log-probs [b, s] (CPU) on the last pipeline stage; [] on the others."""
+
+    def collect(logits, batch):
+        tokens = batch["tokens"].to(logits.device)
+        return sequence_logprobs(logits, tokens, temperature)[0].cpu()
+
+    return forward_backward(model, [{"tokens": mb.tokens} for mb in micro_batches], None,
+                            forward_only=True, collect=collect)
+
+
+def reference_logprobs(model: list, reference: ReferenceWeights, micro_batches: list[MicroBatch],
+                       temperature: float = 1.0) -> list[torch.Tensor]:
+    """forward_logprobs with the reference weights swapped into the policy module."""
+    with reference.active():
+        return forward_logprobs(model, micro_batches, temperature)
+
+
+def _loss_fn(cfg: LossConfig):
+    def loss_fn(logits, batch):
+        dev = logits.device
+        logp, entropy = sequence_logprobs(logits, batch["tokens"].to(dev), cfg.temperature, cfg.wants_entropy)
+        ref = batch.get("ref_logprobs")
+        loss_sum, num_tokens, stats = policy_loss(
+            logp, batch["old_logprobs"].to(dev), batch["advantages"].to(dev), batch["response_mask"].to(dev),
+            cfg, ref_logp=None if ref is None else ref.to(dev), entropy=entropy)
+        # (sum, count, stats): with calculate_per_token_loss Megatron divides the gradient by
+        # the count summed over micro-batches and DP ranks, i.e. a global token-mean.
+        # Megatron hands back only the stats, so the count goes in there too.
+        return loss_sum, num_tokens, {**stats, "num_tokens": num_tokens.detach()}
+
+    return loss_fn
+
+
+def _global_token_means(per_micro_batch: list[dict], cfg: LossConfig) -> dict[str, float]:
+    """Sum the metric sums over micro-batches, PP (only the last stage has them) and DP; / tokens."""
+    from megatron.core import parallel_state
+
+    names = ["loss", "pg_loss", "ppo_kl", "clip_frac"]
+    names += ["kl_ref"] if cfg.uses_reference else []
+    names += ["entropy"] if cfg.wants_entropy else []
+    # NCCL reduces CUDA tensors only, gloo CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+    for stats in per_micro_batch:
+        sums += torch.stack([stats[n].double().to(device) for n in names + ["num_tokens"]])
+    for group in (parallel_state.get_pipeline_model_parallel_group(),
+                  parallel_state.get_data_parallel_group()):
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(sums, group=group)
+    sums = sums.cpu()
+    tokens = sums[-1].item()
+    out = {n: (sums[i] / max(tokens, 1.0)).item() for i, n in enumerate(names)}
+    out["num_tokens"] = tokens
+    return out
+
+
+def train_step(model: list, optimizer, scheduler, micro_batches: list[MicroBatch],
+               loss_cfg: LossConfig) -> dict[str, float]:
+    """One optimizer update over all micro-batches of this rank (its share of the global batch).
+
+    model: the DDP-wrapped chunks (optim.wrap_ddp); optimizer, scheduler: optim.build_optimizer.
+    Returns global token-mean loss metrics plus grad_norm, lr, skipped; the same on every rank.
+    """
+    from megatron.core import parallel_state
+
+    loss_cfg.validate()
+    if parallel_state.is_pipeline_last_stage():  # the only stage that computes the loss
+        if any(mb.old_logprobs is None for mb in micro_batches):
+            raise ValueError("every micro-batch needs old_logprobs on the last pipeline stage")
+        if loss_cfg.uses_reference and any(mb.ref_logprobs is None for mb in micro_batches):
+            raise ValueError(f"loss.kl_type={loss_cfg.kl_type} needs ref_logprobs in every micro-batch")
+
+    # 1. Fresh gradient buffers (Megatron's DDP accumulates into main_grad).
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+    # 2. Forward + backward of every micro-batch; grads reduced over DP and / global token count.
+    per_micro_batch = forward_backward(model, [mb.as_dict() for mb in micro_batches],
+                                       _loss_fn(loss_cfg), forward_only=False)
+
+    # 3. Clip, update, advance the lr schedule.
+    step = optimizer_step(optimizer, scheduler)
+
+    # 4. Metrics over the global batch.
+    return {**_global_token_means(per_micro_batch, loss_cfg), **step}
+

@@ -1,0 +1,1 @@
+"""Rollouts with vLLM (`engine`) and the Megatron -> vLLM weight sync (`sync`)."""

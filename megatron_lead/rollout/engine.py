@@ -1,0 +1,250 @@
+"""The rollout engine: vLLM generating G completions per prompt, token ids in, tokens + log-probs out.
+
+Where vLLM runs (`EngineConfig.placement`; vLLM's TP size is its own, not Megatron's TP x PP):
+- CPU (tests, CI): always in this process, since `sync.reload` hands the worker a Python
+  iterator. Inside a trainer rank (a torch.distributed default group exists) vLLM starts with its
+  `external_launcher` executor, which reuses the trainer's group (a process has only one default
+  group): every trainer rank builds an engine at the same time (the start is collective) and
+  vLLM's TP groups are carved out of the trainer's ranks; at vLLM TP=1 each rank has its own.
+- GPU, "colocate": trainer rank 0 builds the engine; vLLM's workers are processes of their own on
+  the same GPUs, sleep during training (`sleep()` / `wake_up()`) and take weights over CUDA IPC
+  from every trainer rank (`sync.transfer_api`, "ipc").
+- GPU, "separate": vLLM on GPUs of its own; weights over NCCL (`sync.transfer_api`, "nccl").
+
+Log-probs are vLLM's "processed" ones: of logits / temperature (after top-p), i.e. the
+distribution the tokens were sampled from; `policy.logprobs` recomputes the same quantity
+(exactly so with top_p = 1; a top-p < 1 renormalises vLLM's over the nucleus).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+PLACEMENTS = ("colocate", "separate")
+
+
+@dataclass
+class EngineConfig:
+    model_path: str                      # HF-format folder (config.json + weights) of the run's policy
+    tensor_parallel_size: int = 1        # vLLM's own TP, independent of Megatron's TP x PP
+    placement: str = "colocate"
+    dtype: str = "auto"                  # "float32" for exact comparisons on CPU
+    max_model_len: int = 4096            # prompt + response tokens
+    gpu_memory_utilization: float = 0.5  # on CPU vLLM reads this as a fraction of host RAM
+    kv_cache_memory_bytes: int | None = None  # explicit KV-cache size; overrides the fraction
+    enforce_eager: bool = False
+    seed: int = 0
+    weight_transfer: str | None = None   # GPU: "ipc" / "nccl" (see sync.transfer_api); CPU: None
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 1                           # G: completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_response_len: int = 1024
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids
+    seed: int | None = None              # prompt i uses seed + i, so a batch is reproducible
+
+
+@dataclass
+class Rollout:
+    prompt_index: int                    # position of its prompt in the generate() call
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]                # one per response token, of the sampling distribution
+    finish_reason: str                   # "stop" (stop/EOS token, included in response_ids) | "length"
+
+    @property
+    def truncated(self) -> bool:
+        """Cut off at max_response_len (or max_model_len): no final answer to grade as correct."""
+        return self.finish_reason == "length"
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def eos_token_ids(model_path: str | Path) -> list[int]:
+    """EOS ids from generation_config.json, else config.json (vLLM runs without a tokenizer here)."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_path) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+def check_model_files(model_path: str | Path) -> None:
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no HF model at {path}: config.json is missing")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise FileNotFoundError(f"no weights (*.safetensors / *.bin) in {path}")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class RolloutEngine:
+    """A vLLM `LLM` for one placement, started from an HF-format folder."""
+
+    def __init__(self, config: EngineConfig):
+        if config.placement not in PLACEMENTS:
+            raise ValueError(f"placement {config.placement!r} is not one of {PLACEMENTS}")
+        if not 0.0 < config.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {config.gpu_memory_utilization}")
+        if config.tensor_parallel_size < 1:
+            raise ValueError(f"vLLM tensor_parallel_size must be >= 1, got {config.tensor_parallel_size}")
+        check_model_files(config.model_path)
+        self.config = config
+        self.eos_token_ids = eos_token_ids(config.model_path)
+        # Inside a trainer rank vLLM must reuse the trainer's process group (a second default
+        # group cannot exist in one process); external_launcher is vLLM's mode for exactly that.
+        self.in_trainer = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.in_trainer and on_cpu() and config.placement == "separate":
+            raise ValueError("placement 'separate' needs GPUs for vLLM; on CPU use 'colocate' "
+                             "(the engine runs inside each trainer rank)")
+        if self.in_trainer and config.placement == "colocate" and on_cpu():
+            world = torch.distributed.get_world_size()
+            if world % config.tensor_parallel_size:
+                raise ValueError(f"trainer world size {world} is not divisible by vLLM "
+                                 f"tensor_parallel_size {config.tensor_parallel_size}")
+        from vllm.distributed import parallel_state as vps
+
+        if vps.model_parallel_is_initialized():
+            raise RuntimeError("a vLLM engine already runs in this process; close() it first")
+        if on_cpu():
+            # The CPU weight sync passes a Python iterator to the worker: it must be in-process.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.llm = self._start()
+
+    def _engine_kwargs(self) -> dict:
+        c = self.config
+        kwargs = dict(
+            model=str(c.model_path),
+            skip_tokenizer_init=True,   # token ids in and out; no tokenizer needed
+            tensor_parallel_size=c.tensor_parallel_size,
+            dtype=c.dtype,
+            max_model_len=c.max_model_len,
+            gpu_memory_utilization=c.gpu_memory_utilization,
+            kv_cache_memory_bytes=c.kv_cache_memory_bytes,
+            enforce_eager=c.enforce_eager,
+            seed=c.seed,
+            logprobs_mode="processed_logprobs",
+        )
+        if self.in_trainer and c.placement == "colocate" and on_cpu():
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if not on_cpu() and c.placement == "colocate":
+            kwargs["enable_sleep_mode"] = True
+        if c.weight_transfer is not None:
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=c.weight_transfer)
+        return kwargs
+
+    def _start(self):
+        from vllm import LLM
+
+        try:
+            return LLM(**self._engine_kwargs())
+        except Exception as e:  # noqa: BLE001 - re-raised as one line, after cleaning up
+            self._release_distributed_state()
+            cause = _one_line(e)
+            raise RuntimeError(f"vLLM could not start from {self.config.model_path}: {cause}") from e
+
+    def _release_distributed_state(self) -> None:
+        """Drop the process groups vLLM made, so a failed or closed engine leaves none behind.
+
+        Inside a trainer rank the default group is the trainer's and must survive.
+        """
+        from vllm.distributed import parallel_state as vps
+
+        vps.destroy_model_parallel()
+        if self.in_trainer:
+            if vps._WORLD is not None:
+                vps._WORLD.destroy()
+                vps._WORLD = None
+        else:
+            vps.destroy_distributed_environment()
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def sampling_params(self, sampling: SamplingConfig, seed: int | None = None):
+        from vllm import SamplingParams
+
+        if sampling.n < 1 or sampling.max_response_len < 1:
+            raise ValueError(f"need n >= 1 and max_response_len >= 1, got n={sampling.n} "
+                             f"max_response_len={sampling.max_response_len}")
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_response_len,
+            stop_token_ids=sorted(set(sampling.stop_token_ids) | set(self.eos_token_ids)),
+            logprobs=0,          # the sampled token's log-prob only
+            detokenize=False,
+            seed=seed,
+        )
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
+        """G = sampling.n rollouts per prompt, grouped: rollouts[i*G:(i+1)*G] answer prompts[i]."""
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        params = [self.sampling_params(sampling, None if sampling.seed is None else sampling.seed + i)
+                  for i in range(len(prompts))]
+        if self.llm is None:
+            raise RuntimeError("the rollout engine is closed")
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                    params, use_tqdm=False)
+        rollouts = []
+        for i, out in enumerate(outputs):
+            for completion in out.outputs:
+                if completion.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM request {i} ended with {completion.finish_reason!r}")
+                tokens = list(completion.token_ids)
+                logprobs = [step[tok].logprob for tok, step in zip(tokens, completion.logprobs)]
+                rollouts.append(Rollout(prompt_index=i, prompt_ids=list(prompts[i]),
+                                        response_ids=tokens, logprobs=logprobs,
+                                        finish_reason=completion.finish_reason))
+        return rollouts
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Free GPU memory for training (weights and KV cache); no-op on CPU."""
+        if not on_cpu() and self.config.placement == "colocate":
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if not on_cpu() and self.config.placement == "colocate":
+            self.llm.wake_up()
+
+    def close(self) -> None:
+        """Shut vLLM down and drop its process groups (the trainer's default group survives)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        core = llm.llm_engine.engine_core
+        if not self.in_trainer:
+            core.shutdown()  # vLLM's own teardown, its process group included
+            return
+        # In-process engine in a trainer rank: vLLM's teardown ends by destroying the default
+        # process group, which is the trainer's. Run its steps except that one.
+        core._finalizer.detach()
+        inner = core.engine_core
+        inner.structured_output_manager.clear_backend()
+        inner.model_executor.shutdown()
+        inner.scheduler.shutdown()
+        self._release_distributed_state()

@@ -1,0 +1,87 @@
+"""CPU transport: the in-process vLLM worker reloads its weights from our iterator.
+
+`model_runner.reload_weights(weights_iterator=...)` runs vLLM's own checkpoint loader over the
+stream (so HF names and layouts are all it needs, and packed QKV / gate-up params are filled the
+way vLLM fills them at start-up) and processes each layer as soon as all its tensors have
+arrived, so only the current bucket and one partly-loaded layer are held at any time. One reload
+call spans all buckets: a layer split over two buckets is still loaded whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from megatron_lead.rollout.sync.base import WeightSync
+from megatron_lead.rollout.sync.stream import NamedTensor
+
+
+def _reprocess_tied_layers(model: torch.nn.Module) -> None:
+    """Re-run weight post-processing of layers that share their weight with another layer.
+
+    A head tied to the embedding (Qwen2.5-0.5B/1.5B) gets no tensor of its own in the stream, so
+    vLLM's reload leaves it alone; its weight is the embedding's and is updated in place, but on
+    CPU vLLM multiplies with a copy packed for oneDNN at load time, which would stay stale.
+    """
+    sharing: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not weight.is_meta and weight.numel() > 0:
+            sharing.setdefault(weight.data_ptr(), []).append(module)
+    for modules in sharing.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+
+
+def _reload_in_worker(worker, weights: Iterator[NamedTensor]) -> None:
+    # Runs inside vLLM's worker (this process: the CPU engine is in-process).
+    worker.model_runner.reload_weights(weights_iterator=weights)
+    _reprocess_tied_layers(worker.model_runner.get_model())
+
+
+def checkpoint_tensor_names(model_path: str | Path) -> set[str] | None:
+    """Tensor names of the HF checkpoint the engine started from (None if not safetensors)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as reader:
+            names.update(reader.keys())
+    return names
+
+
+class ReloadWeightSync(WeightSync):
+    transport = "reload"
+
+    def __init__(self, engine=None):
+        super().__init__(engine)
+        # A stream that misses a tensor would leave part of a layer unloaded: vLLM only warns.
+        self.expected = None if engine is None else checkpoint_tensor_names(engine.config.model_path)
+
+    def push(self, buckets: Iterator[list[NamedTensor]]) -> None:
+        if self.engine.llm is None:
+            raise RuntimeError("weight sync into a closed rollout engine")
+        seen: set[str] = set()
+
+        def weights():
+            for bucket in buckets:
+                for name, tensor in bucket:
+                    seen.add(name)
+                    yield name, tensor
+
+        self.engine.llm.collective_rpc(_reload_in_worker, args=(weights(),))
+        # KV blocks cached for earlier prompts were computed with the old weights.
+        self.engine.llm.reset_prefix_cache()
+        missing = sorted(self.expected - seen) if self.expected is not None else []
+        if missing:
+            raise ValueError(f"weight sync stream lacks {len(missing)} of the model's tensors "
+                             f"(e.g. {missing[0]}); the engine's weights are now inconsistent")
