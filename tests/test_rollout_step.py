@@ -1,0 +1,142 @@
+"""rollout_step on CPU: four Megatron ranks (PP=2 x DP=2), each hosting its own in-process vLLM (TP=1).
+
+The engine starts from a tiny HF model whose weights are not the Megatron ones, so the log-prob
+check fails unless the step's weight sync really happened. The reference for the log-probs is
+transformers, run on the Megatron weights exported to HF format.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_lead.launch import run_local
+from rollout_tiny import ENGINE_ARGS, hf_logprobs, prompts, save_tiny_qwen2
+
+pytestmark = pytest.mark.slow
+
+PAD_ID = 253
+MAX_LEN = 4
+# A quarter of the vocabulary stops a rollout: with MAX_LEN = 4 some stop, some are cut off.
+SAMPLING = dict(n=2, temperature=0.7, max_response_len=MAX_LEN, stop_token_ids=tuple(range(0, 250, 4)),
+                seed=7)
+
+
+def _rank(rank, world, tp, pp, hf_dir, out_dir):
+    import psutil
+    import torch.distributed as dist
+
+    from megatron.core import parallel_state
+
+    from megatron_lead.policy.convert.gather import save_hf_checkpoint
+    from megatron_lead.policy.model import build_model
+    from megatron_lead.policy.parallel import init_parallel
+    from megatron_lead.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
+    from megatron_lead.rollout.step import rollout_step
+    from megatron_lead.rollout.sync import make_weight_sync
+
+    init_parallel(tp=tp, pp=pp, seed=123)
+
+    # A vLLM that cannot start inside a trainer rank: one line, no processes left, and the
+    # trainer's group survives for the engine that does start below.
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    bad = EngineConfig(model_path=hf_dir, **{**ENGINE_ARGS, "kv_cache_memory_bytes": None,
+                                             "gpu_memory_utilization": 1.0})
+    try:
+        RolloutEngine(bad)
+        start_error = None
+    except RuntimeError as e:
+        start_error = str(e)
+    left_over = {p.pid for p in psutil.Process().children(recursive=True)} - children
+
+    torch.manual_seed(123)  # Megatron's CPU init draws from the default generator: same model every run
+    model = build_model(hf_dir, dtype=torch.float32)
+    dp_group = parallel_state.get_data_parallel_group()
+    with torch.no_grad():
+        for p in model[0].parameters():
+            if p.dim() == 2:  # Megatron's init (std 0.02) gives near-flat logits: sharpen them
+                p.mul_(5.0)
+            # One policy on every DP rank (random init differs per process; DDP would do this).
+            dist.broadcast(p, src=dist.get_process_group_ranks(dp_group)[0], group=dp_group)
+    save_hf_checkpoint(model, out_dir, hf_source_dir=hf_dir)
+    engine = RolloutEngine(EngineConfig(model_path=hf_dir, **ENGINE_ARGS))
+    dp_rank = parallel_state.get_data_parallel_rank()
+    batch = rollout_step(model, engine, make_weight_sync(engine), prompts(8, seed=1 + dp_rank),
+                         SamplingConfig(**SAMPLING), micro_batch_size=4, pad_id=PAD_ID)
+    engine.close()
+    # One rank per DP rank holds the full result: the last pipeline stage's TP rank 0.
+    owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    return dict(batch=batch, start_error=start_error, left_over=left_over, owner=owner, dp_rank=dp_rank)
+
+
+# PP=2: rollouts broadcast in the model-parallel group, old_logprobs on the last stage only, the
+# metric all-reduced over PP. DP=2: different prompts per DP rank, metrics all-reduced over DP.
+# (TP=2 x world 2 passes as well; test_rollout_sync covers the TP sync.)
+@pytest.mark.parametrize("world,tp,pp", [(4, 1, 2)])
+def test_rollout_step(tmp_path, world, tp, pp):
+    import transformers
+
+    hf_dir = save_tiny_qwen2(tmp_path / "hf", seed=0)
+    out_dir = str(tmp_path / "megatron_as_hf")
+    results = run_local(_rank, world, tp, pp, hf_dir, out_dir)
+    owners = sorted((r for r in results if r["owner"]), key=lambda r: r["dp_rank"])  # one per DP rank
+    assert len(owners) == world // (tp * pp)
+    metrics = owners[0]["batch"].metrics
+    print({k: round(v, 8) for k, v in metrics.items()})
+    print("failed start:", results[0]["start_error"])
+
+    for r in results:
+        assert r["start_error"] is not None and "vLLM could not start" in r["start_error"]
+        assert "\n" not in r["start_error"] and "memory" in r["start_error"].lower()
+        assert not r["left_over"]
+        assert r["batch"].metrics == metrics  # the same on every rank (times: the slowest's)
+        if not r["owner"] and pp > 1:
+            assert r["batch"].old_logprobs is None  # first pipeline stage
+
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
+    all_rollouts, gaps, old_vs_hf = [], [], []
+    for owner in owners:
+        batch, rollouts = owner["batch"], owner["batch"].rollouts
+        all_rollouts += rollouts
+        # Packing: row i is rollout i, right-padded, the mask exactly on its response tokens.
+        assert len(rollouts) == 8 * SAMPLING["n"] == batch.tokens.size(0)
+        width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+        assert batch.tokens.shape == batch.response_mask.shape == batch.old_logprobs.shape == (16, width)
+        for i, r in enumerate(rollouts):
+            p, n = len(r.prompt_ids), len(r.response_ids)
+            assert r.prompt_ids == prompts(8, seed=1 + owner["dp_rank"])[i // SAMPLING["n"]]
+            assert batch.tokens[i].tolist() == r.prompt_ids + r.response_ids + [PAD_ID] * (width - p - n)
+            assert batch.response_mask[i].tolist() == [False] * p + [True] * n + [False] * (width - p - n)
+            assert batch.rollout_logprobs[i, p:p + n].tolist() == pytest.approx(r.logprobs, abs=1e-6)
+            assert batch.response_lens[i] == n
+            assert batch.truncated[i] == (r.finish_reason == "length")
+            # Log-probs against transformers on the Megatron weights, at the sampling temperature.
+            ref = hf_logprobs(hf, r.prompt_ids, r.response_ids, SAMPLING["temperature"])
+            gaps += [abs(a - b) for a, b in zip(r.logprobs, ref)]
+            old_vs_hf += [abs(a - b) for a, b in zip(batch.old_logprobs[i, p:p + n].tolist(), ref)]
+
+    # Truncation: really cut at MAX_LEN (a stop token ends the others), counted over all DP ranks.
+    cut = sum(r.truncated for r in all_rollouts)
+    assert 0 < cut < len(all_rollouts)
+    for r in all_rollouts:
+        if r.truncated:
+            assert len(r.response_ids) == MAX_LEN
+        else:
+            assert r.response_ids[-1] in SAMPLING["stop_token_ids"]
+    assert metrics["rollout/truncated_frac"] == cut / len(all_rollouts)
+    lens = [len(r.response_ids) for r in all_rollouts]
+    assert metrics["rollout/response_len_mean"] == pytest.approx(sum(lens) / len(lens))
+
+    # Weight sync: the whole fp32 model went into vLLM.
+    hf_start = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir)
+    assert metrics["rollout/sync_bytes"] == sum(t.numel() * 4 for t in hf_start.state_dict().values())
+    assert metrics["rollout/sync_seconds"] > 0 and metrics["rollout/sync_gb_per_s"] > 0
+    assert metrics["rollout/generate_seconds"] > 0
+
+    # rollout/logprob_diff (vLLM vs Megatron, token-weighted over DP) vs vLLM vs transformers.
+    expected = sum(gaps) / len(gaps)
+    print(f"logprob_diff {metrics['rollout/logprob_diff']:.3e}, vLLM vs HF {expected:.3e}, "
+          f"max |old - HF| {max(old_vs_hf):.3e} over {len(gaps)} tokens")
+    assert metrics["rollout/logprob_diff"] < 1e-3
+    assert metrics["rollout/logprob_diff"] == pytest.approx(expected, abs=1e-5)
+    assert max(old_vs_hf) < 1e-4
