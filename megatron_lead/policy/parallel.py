@@ -78,3 +78,18 @@ def pp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def reduce_scalars(values: list[float], groups: list, op=dist.ReduceOp.SUM) -> list[float]:
+    """All-reduce a few float64 scalars over each group in turn (metrics; one call per group).
+
+    The buffer lives where the group's backend reduces: CUDA for NCCL, CPU for gloo.
+    """
+    t = torch.tensor(values, dtype=torch.float64)
+    for group in groups:
+        if dist.get_world_size(group) > 1:
+            on_gpu = dist.get_backend(group) == "nccl"
+            buf = t.to(torch.device("cuda", torch.cuda.current_device())) if on_gpu else t
+            dist.all_reduce(buf, op=op, group=group)
+            t = buf.cpu()
+    return t.tolist()

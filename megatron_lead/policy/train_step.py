@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_lead.policy.logprobs import sequence_logprobs
 from megatron_lead.policy.loss import LossConfig, policy_loss
 from megatron_lead.policy.model import forward_backward
 from megatron_lead.policy.optim import optimizer_step
+from megatron_lead.policy.parallel import reduce_scalars
 from megatron_lead.policy.reference import ReferenceWeights
 
 
@@ -93,18 +93,14 @@ def _global_token_means(per_micro_batch: list[dict], cfg: LossConfig) -> dict[st
     names = ["loss", "pg_loss", "ppo_kl", "clip_frac"]
     names += ["kl_ref"] if cfg.uses_reference else []
     names += ["entropy"] if cfg.wants_entropy else []
-    # NCCL reduces CUDA tensors only, gloo CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
-    for stats in per_micro_batch:
-        sums += torch.stack([stats[n].double().to(device) for n in names + ["num_tokens"]])
-    for group in (parallel_state.get_pipeline_model_parallel_group(),
-                  parallel_state.get_data_parallel_group()):
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(sums, group=group)
-    sums = sums.cpu()
-    tokens = sums[-1].item()
-    out = {n: (sums[i] / max(tokens, 1.0)).item() for i, n in enumerate(names)}
+    keys = names + ["num_tokens"]
+    sums = [0.0] * len(keys)  # stages other than the last have no micro-batch metrics
+    if per_micro_batch:  # one device->host copy for all of them
+        sums = torch.stack([torch.stack([s[k].double() for k in keys]) for s in per_micro_batch]).sum(0).tolist()
+    sums = reduce_scalars(sums, [parallel_state.get_pipeline_model_parallel_group(),
+                                 parallel_state.get_data_parallel_group()])
+    tokens = sums[-1]
+    out = {n: sums[i] / max(tokens, 1.0) for i, n in enumerate(names)}
     out["num_tokens"] = tokens
     return out
 

@@ -82,16 +82,6 @@ def _generate_in_model_parallel_group(engine, prompts, sampling) -> list[Rollout
     return rollouts
 
 
-def _reduce(values: list[float], op, groups) -> list[float]:
-    # NCCL reduces CUDA tensors only, gloo CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    for group in groups:
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(t, op=op, group=group)
-    return t.cpu().tolist()
-
-
 def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int]],
                  sampling: SamplingConfig, *, micro_batch_size: int, pad_id: int,
                  hf_config: Any = None) -> RolloutBatch:
@@ -102,6 +92,7 @@ def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int
     """
     from megatron.core import parallel_state
 
+    from megatron_lead.policy.parallel import reduce_scalars
     from megatron_lead.policy.train_step import forward_logprobs, split_micro_batches
 
     if sampling.temperature <= 0:
@@ -143,13 +134,12 @@ def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int
     diff_sum = 0.0
     if old_logprobs is not None:
         diff_sum = logprob_diff(packed["rollout_logprobs"], old_logprobs, mask) * num_tokens
-    (diff_sum,) = _reduce([diff_sum], dist.ReduceOp.SUM,
-                          [parallel_state.get_pipeline_model_parallel_group()])
-    diff_sum, tokens, truncated, count = _reduce(
+    (diff_sum,) = reduce_scalars([diff_sum], [parallel_state.get_pipeline_model_parallel_group()])
+    diff_sum, tokens, truncated, count = reduce_scalars(
         [diff_sum, num_tokens, float(packed["truncated"].sum()), float(len(rollouts))],
-        dist.ReduceOp.SUM, [parallel_state.get_data_parallel_group()])
-    sync_seconds, generate_seconds = _reduce([sync.seconds, generate_seconds], dist.ReduceOp.MAX,
-                                             [dist.group.WORLD])
+        [parallel_state.get_data_parallel_group()])
+    sync_seconds, generate_seconds = reduce_scalars([sync.seconds, generate_seconds], [dist.group.WORLD],
+                                                    dist.ReduceOp.MAX)
     sync.seconds = sync_seconds
     metrics = {
         **sync.metrics(),
