@@ -26,6 +26,8 @@ BATCH, SEQ, MICRO_BATCH = 4, 12, 2
 def _tiny_hf(family, path):
     import transformers
 
+    torch.manual_seed(0)  # the same random model every run
+
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   initializer_range=0.2)  # large weights: logits of order 1, not 0.01
@@ -156,7 +158,9 @@ def test_policy_matches_transformers_in_every_layout(tmp_path):
         assert all(torch.equal(original[k], exported[k]) for k in original)
         assert os.path.isfile(os.path.join(root, f"{family}_saved_hf", "config.json"))
 
-    assert result["mask_diff"] < 1e-5
+    # Three attention kernels (SDPA causal, SDPA with a mask, Megatron's unfused softmax) differ
+    # by fp32 rounding, ~1e-5 on logits of ~7 (seen up to 1.0e-5); a wrong mask is off by O(1).
+    assert result["mask_diff"] < 1e-4
 
     errors = result["errors"]
     assert all("\n" not in msg for msg in errors.values()), errors
