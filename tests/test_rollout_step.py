@@ -140,3 +140,22 @@ def test_rollout_step(tmp_path, world, tp, pp):
     assert metrics["rollout/logprob_diff"] < 1e-3
     assert metrics["rollout/logprob_diff"] == pytest.approx(expected, abs=1e-5)
     assert max(old_vs_hf) < 1e-4
+
+
+def _without_engine(rank, world_size):
+    from megatron_lead.policy.parallel import init_parallel
+    from megatron_lead.rollout.engine import SamplingConfig
+    from megatron_lead.rollout.step import rollout_step
+
+    init_parallel(2, 1)
+    try:
+        rollout_step(None, None, None, [[1, 2, 3]], SamplingConfig(), micro_batch_size=1, pad_id=0)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_missing_engine_fails_on_every_rank_of_the_group():
+    # Without the group-wide check only rank 0 would raise and rank 1 would wait in a collective.
+    messages = run_local(_without_engine, 2, timeout=120)
+    assert all(m and "rank 0 (first of its model-parallel group) needs a rollout engine" in m for m in messages)

@@ -72,8 +72,6 @@ def _generate_in_model_parallel_group(engine, prompts, sampling) -> list[Rollout
 
     group = parallel_state.get_model_parallel_group()
     src = dist.get_process_group_ranks(group)[0]
-    if dist.get_rank() == src and engine is None:
-        raise ValueError(f"rank {src} (first of its model-parallel group) needs a rollout engine")
     rollouts = [] if engine is None else engine.generate(prompts, sampling)
     if dist.get_world_size(group) > 1:
         box = [rollouts]
@@ -103,6 +101,14 @@ def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int
     if (len(prompts) * sampling.n) % micro_batch_size:
         raise ValueError(f"{len(prompts)} prompts x n={sampling.n} rollouts are not divisible by "
                          f"micro_batch_size {micro_batch_size}")
+
+    # 0. The group's generating rank has an engine: checked on every rank of the group, so a
+    # missing one fails everywhere at once instead of leaving the others in a collective.
+    group = parallel_state.get_model_parallel_group()
+    src = dist.get_process_group_ranks(group)[0]
+    (missing,) = reduce_scalars([float(dist.get_rank() == src and engine is None)], [group])
+    if missing:
+        raise ValueError(f"rank {src} (first of its model-parallel group) needs a rollout engine")
 
     # 1. Current weights into vLLM (collective: ranks without an engine drain the stream).
     if engine is not None:
