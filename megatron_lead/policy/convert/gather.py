@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_lead.policy.convert import hf_io
 from megatron_lead.policy.convert.mapping import hf_from_shards, hf_shapes, placements
+from megatron_lead.policy.parallel import reduce_scalars
 
 
 def _all_gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -84,10 +85,19 @@ def save_hf_checkpoint(model_chunks: list, out_dir: str, hf_source_dir: str | No
     tensors = iter_hf_weights(model_chunks)
     if dtype is not None:
         tensors = ((name, t.to(dtype)) for name, t in tensors)
+    error = None
     if dist.get_rank() == 0:
-        hf_io.write_hf_folder(tensors, out_dir, side_files_dir=hf_source_dir,
-                              config=None if hf_source_dir else model.hf_config, overwrite=True)
-    else:
-        for _ in tensors:
-            pass
-    dist.barrier()
+        try:
+            hf_io.write_hf_folder(tensors, out_dir, side_files_dir=hf_source_dir,
+                                  config=None if hf_source_dir else model.hf_config, overwrite=True)
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks are free
+            error = e
+    # Every rank runs the gather to its end (rank 0 too, after a failed write), so no rank is
+    # left waiting in a collective; then all ranks learn whether the write succeeded.
+    for _ in tensors:
+        pass
+    (failed,) = reduce_scalars([float(error is not None)], [dist.group.WORLD], dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"saving the HF checkpoint to {out_dir} failed on rank 0")
