@@ -193,25 +193,32 @@ def test_cli_converts_both_ways(tmp_path, capsys):
 
 
 def _save_fails_on_rank0(rank, world_size, hf_dir, bad_out):
+    from megatron_lead.policy.convert.checkpoint import save_megatron_checkpoint
     from megatron_lead.policy.convert.gather import save_hf_checkpoint
     from megatron_lead.policy.model import build_model
     from megatron_lead.policy.parallel import init_parallel
 
     init_parallel(2, 1)
     model = build_model(hf_dir)
-    try:
-        save_hf_checkpoint(model, bad_out)
-    except (OSError, RuntimeError) as e:
-        return type(e).__name__
-    return None
+    raised = []
+    for save in (save_hf_checkpoint, save_megatron_checkpoint):
+        try:
+            save(model, bad_out)
+            raised.append(None)
+        except (OSError, RuntimeError) as e:
+            raised.append(f"{type(e).__name__}: {e}")
+    return raised
 
 
-def test_failed_hf_export_fails_on_every_rank_instead_of_hanging(tmp_path):
+def test_failed_save_fails_on_every_rank_instead_of_hanging(tmp_path):
     from megatron_lead.launch import run_local
 
     hf_dir = _tiny_hf(str(tmp_path / "hf"))
     (tmp_path / "a_file").write_text("x")
     bad_out = str(tmp_path / "a_file" / "export")  # its parent is a file: rank 0 cannot write
-    # rank 0 gets the OS error (makedirs on a file), rank 1 "failed on rank 0"; neither hangs
-    assert run_local(_save_fails_on_rank0, 2, hf_dir, bad_out, timeout=120) == [
-        "FileExistsError", "RuntimeError"]
+    (hf0, meg0), (hf1, meg1) = run_local(_save_fails_on_rank0, 2, hf_dir, bad_out, timeout=120)
+    # HF export: rank 0 gets the OS error (makedirs on a file), rank 1 "failed on rank 0"
+    assert hf0.startswith("FileExistsError") and hf1.startswith("RuntimeError") and "rank 0" in hf1
+    # Megatron checkpoint: rank 0 cannot create its temp folder; both ranks raise, none hangs
+    for msg in (meg0, meg1):
+        assert msg.startswith("OSError: saving checkpoint") and "rank 0: " in msg

@@ -93,3 +93,14 @@ def reduce_scalars(values: list[float], groups: list, op=dist.ReduceOp.SUM) -> l
             dist.all_reduce(buf, op=op, group=group)
             t = buf.cpu()
     return t.tolist()
+
+
+def errors_on_any_rank(error: str | None) -> list[str]:
+    """Collective over all ranks: the error texts of the ranks that failed, in rank order.
+
+    For multi-rank writes: a rank that failed goes on to this call instead of raising at once,
+    so no other rank is left waiting in a collective; then every rank knows the outcome.
+    """
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return [e for e in errors if e]

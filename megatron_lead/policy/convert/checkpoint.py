@@ -205,32 +205,37 @@ def save_megatron_checkpoint(model_chunks: list, out_dir: str, hf_source_dir: st
     from megatron.core import parallel_state
 
     from megatron_lead.policy.model import unwrap
+    from megatron_lead.policy.parallel import errors_on_any_rank
 
     model = unwrap(model_chunks[0])
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     rank = dist.get_rank()
-    tmp = [hf_io.make_temp_dir(out_dir, overwrite=True) if rank == 0 else None]
-    dist.broadcast_object_list(tmp, src=0)
     error = None
-    try:
-        if parallel_state.get_data_parallel_rank() == 0:
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_tensors(model).items()}
-            name = shard_file(parallel_state.get_tensor_model_parallel_rank(),
-                              parallel_state.get_pipeline_model_parallel_rank())
-            save_file(tensors, os.path.join(tmp[0], name), metadata={"format": "pt"})
-        if rank == 0:
-            if hf_source_dir:
-                os.makedirs(os.path.join(tmp[0], HF_FILES_DIR))
-                hf_io.copy_hf_side_files(hf_source_dir, os.path.join(tmp[0], HF_FILES_DIR))
-            with open(os.path.join(tmp[0], META_FILE), "w") as f:
-                json.dump(_meta(model.arch, model.hf_config, tp, pp), f, indent=2)
-    except Exception as e:  # noqa: BLE001 - every rank must reach the all_gather below
-        error = f"rank {rank}: {e}"
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    errors = [e for e in errors if e]
+    tmp = [None]
     if rank == 0:
+        try:
+            tmp = [hf_io.make_temp_dir(out_dir, overwrite=True)]
+        except Exception as e:  # noqa: BLE001 - broadcast as "no folder", raised below
+            error = f"rank 0: {e}"
+    dist.broadcast_object_list(tmp, src=0)
+    if tmp[0] is not None:  # else rank 0 could not create the folder: its error is in `error`
+        try:
+            if parallel_state.get_data_parallel_rank() == 0:
+                tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_tensors(model).items()}
+                name = shard_file(parallel_state.get_tensor_model_parallel_rank(),
+                                  parallel_state.get_pipeline_model_parallel_rank())
+                save_file(tensors, os.path.join(tmp[0], name), metadata={"format": "pt"})
+            if rank == 0:
+                if hf_source_dir:
+                    os.makedirs(os.path.join(tmp[0], HF_FILES_DIR))
+                    hf_io.copy_hf_side_files(hf_source_dir, os.path.join(tmp[0], HF_FILES_DIR))
+                with open(os.path.join(tmp[0], META_FILE), "w") as f:
+                    json.dump(_meta(model.arch, model.hf_config, tp, pp), f, indent=2)
+        except Exception as e:  # noqa: BLE001 - every rank must reach errors_on_any_rank below
+            error = f"rank {rank}: {e}"
+    errors = errors_on_any_rank(error)
+    if rank == 0 and tmp[0] is not None:
         if errors:
             shutil.rmtree(tmp[0], ignore_errors=True)
         else:

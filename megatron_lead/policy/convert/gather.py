@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_lead.policy.convert import hf_io
 from megatron_lead.policy.convert.mapping import hf_from_shards, hf_shapes, placements
-from megatron_lead.policy.parallel import reduce_scalars
+from megatron_lead.policy.parallel import errors_on_any_rank
 
 
 def _all_gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -96,8 +96,8 @@ def save_hf_checkpoint(model_chunks: list, out_dir: str, hf_source_dir: str | No
     # left waiting in a collective; then all ranks learn whether the write succeeded.
     for _ in tensors:
         pass
-    (failed,) = reduce_scalars([float(error is not None)], [dist.group.WORLD], dist.ReduceOp.MAX)
+    failed = errors_on_any_rank(None if error is None else f"rank 0: {error}")
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"saving the HF checkpoint to {out_dir} failed on rank 0")
+        raise RuntimeError(f"saving the HF checkpoint to {out_dir} failed on {failed[0]}")
