@@ -40,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward", choices=REWARDS, help="override the preset's efficiency reward")
     p.add_argument("--normalisation", choices=NORMALISATIONS, help="override the preset's normalisation")
     p.add_argument("--weighting", choices=WEIGHTINGS, help="override the preset's weighting")
-    p.add_argument("--no-whiten", action="store_true", help="skip the token-weighted batch whitening")
+    p.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=None,
+                   help="whiten the advantages over the batch's response tokens "
+                        "(default: the preset's, on for every method but grpo)")
     p.add_argument("--ranks", type=int, default=1, help="run on N local gloo processes (default 1)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the rollout-to-rank split")
 
@@ -50,9 +52,7 @@ def lead_config_from_args(args):
 
     overrides = {k: getattr(args, k) for k in ("l_min", "l_max", "beta", "lambda_min", "alpha", "eps",
                                                "global_target", "static_w_corr", "target", "reward",
-                                               "normalisation", "weighting")}
-    if args.no_whiten:
-        overrides["whiten"] = False
+                                               "normalisation", "weighting", "whiten")}
     return LeadConfig.for_method(args.method, **overrides)
 
 

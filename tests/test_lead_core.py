@@ -9,6 +9,7 @@ import torch
 
 import lead_reference as ref
 from megatron_lead.lead import AdvantageComputer, LeadConfig, PSIController, RolloutShard, efficiency_reward
+from megatron_lead.lead.config import METHODS
 
 
 def shard_of(prompts):
@@ -76,6 +77,39 @@ def test_decoupled_group_normalisation_by_hand():
     assert res.advantages.tolist() == pytest.approx([a, a, -a, -a], abs=1e-12)
 
 
+GRPO_BATCH = [([1000, 3000, 2000], [1, 0, 1]), ([500, 700], [0, 1])]
+# Group-normalised correctness by hand: (c - mean) / (unbiased std + 1e-6).
+# Prompt 1: mean 2/3, std sqrt(((1/3)^2 + (2/3)^2 + (1/3)^2) / 2) = sqrt(1/3);
+# prompt 2: mean 1/2, std sqrt(1/2).
+GRPO_BY_HAND = [(1 / 3) / (math.sqrt(1 / 3) + 1e-6), (-2 / 3) / (math.sqrt(1 / 3) + 1e-6),
+                (1 / 3) / (math.sqrt(1 / 3) + 1e-6),
+                -0.5 / (math.sqrt(0.5) + 1e-6), 0.5 / (math.sqrt(0.5) + 1e-6)]
+
+
+def grpo_whitened_by_hand():
+    """GRPO_BY_HAND whitened over the batch's 7200 response tokens (each rollout weighted by its
+    length), unbiased token variance, rsqrt(var + 1e-8)."""
+    lengths = [n for ls, _ in GRPO_BATCH for n in ls]
+    N = sum(lengths)
+    mean = sum(n * a for n, a in zip(lengths, GRPO_BY_HAND)) / N
+    var = sum(n * (a - mean) ** 2 for n, a in zip(lengths, GRPO_BY_HAND)) / (N - 1)
+    return [(a - mean) / math.sqrt(var + 1e-8) for a in GRPO_BY_HAND]
+
+
+def test_grpo_is_group_normalised_correctness_unwhitened_as_the_release():
+    cfg = LeadConfig.for_method("grpo")
+    assert cfg.whiten is False and cfg.static_w_corr == 1.0
+    res = AdvantageComputer(cfg)(shard_of(GRPO_BATCH))
+    assert res.advantages.tolist() == pytest.approx(GRPO_BY_HAND, abs=1e-12)
+    assert (res.w_corr, res.w_eff) == (1.0, 0.0)
+    # Whitening stays a switch: on, the same advantages are whitened over the batch's tokens.
+    res = AdvantageComputer(LeadConfig.for_method("grpo", whiten=True))(shard_of(GRPO_BATCH))
+    assert res.advantages.tolist() == pytest.approx(grpo_whitened_by_hand(), abs=1e-9)
+    assert res.unwhitened.tolist() == pytest.approx(GRPO_BY_HAND, abs=1e-12)
+    # Every other preset keeps whitening on.
+    assert all(LeadConfig.for_method(m).whiten for m in METHODS if m != "grpo")
+
+
 def test_group_of_one_uses_mean0_std1():
     cfg = LeadConfig.for_method("static", whiten=False)
     res = AdvantageComputer(cfg)(shard_of([([1600], [1])]))
@@ -104,9 +138,14 @@ def test_psi_floor_applies_to_used_weight_not_to_state():
     ctl = PSIController()
     for _ in range(100):  # correctness saturated (mu=1): its target weight is 0
         out = ctl.update(mu_corr=1.0, sigma_corr=1e-4, mu_eff=0.0, sigma_eff=0.5)
-    assert ctl.state.w_corr_ema < 0.01
+    # Target (0, 1) every step (Phi_corr = 0; D_eff = 0.5 up to eps): the EMA from (0.5, 0.5)
+    # decays geometrically, far below the floor; only the weights used are floored.
+    ema = 0.5 * 0.95 ** 100  # 0.00296
+    assert out["w_corr_ema"] == pytest.approx(ema, rel=1e-12)
+    assert out["w_eff_ema"] == pytest.approx(1 - ema, abs=1e-7)
+    assert ctl.state_dict() == pytest.approx({"w_corr_ema": ema, "w_eff_ema": 1 - ema, "steps": 100},
+                                             rel=1e-7)
     assert out["w_corr"] == 0.3 and out["w_eff"] == pytest.approx(0.7)
-    assert out["w_corr_ema"] == ctl.state.w_corr_ema
 
 
 def test_no_correct_rollout_anywhere():
@@ -142,7 +181,7 @@ def test_edge_cases_are_finite_and_match_reference(case, method):
         res = comp(shard_of(prompts))
         w_c, w_e, targets, advs = ref.lead_step(
             prompts, psi, how=cfg.target, reward=cfg.reward, normalisation=cfg.normalisation,
-            static_w_corr=cfg.static_w_corr)
+            static_w_corr=cfg.static_w_corr, whiten=cfg.whiten)
         for tensor in (res.advantages, res.unwhitened, res.eff_reward, res.targets):
             assert torch.isfinite(tensor).all()
         assert all(math.isfinite(v) for v in res.metrics.values())
@@ -173,7 +212,7 @@ def test_random_batches_match_reference(method):
         res = comp(shard_of(prompts))
         w_c, w_e, targets, advs = ref.lead_step(
             prompts, psi, how=cfg.target, reward=cfg.reward, normalisation=cfg.normalisation,
-            l_min=200.0, l_max=4000.0, global_target=1500.0)
+            whiten=cfg.whiten, l_min=200.0, l_max=4000.0, global_target=1500.0)
         assert (res.w_corr, res.w_eff) == pytest.approx((w_c, w_e), abs=1e-12)
         assert res.targets.tolist() == pytest.approx(targets, abs=1e-9)
         for got, want in zip(per_prompt(res, prompts), advs):

@@ -69,11 +69,10 @@ def test_hand_computed_tokens():
 
 def test_kl_types_by_hand():
     logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
-    assert kl_to_reference(logp, ref, "mse").tolist() == pytest.approx([0.125, 0.5])
-    d = ref - logp  # [-0.5, 1.0]
-    assert kl_to_reference(logp, ref, "k3").tolist() == pytest.approx(
-        [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1])
-    assert d.tolist() == [-0.5, 1.0]
+    # mse: 0.5 (logp - ref)^2 = 0.5 * 0.25, 0.5 * 1
+    assert kl_to_reference(logp, ref, "mse").tolist() == pytest.approx([0.125, 0.5], rel=1e-6)
+    # k3 with d = ref - logp = (-0.5, 1): exp(d) - d - 1 = e^-0.5 - 0.5 = 0.1065307, e - 2 = 0.7182818
+    assert kl_to_reference(logp, ref, "k3").tolist() == pytest.approx([0.10653066, 0.71828183], rel=1e-6)
 
 
 @pytest.mark.parametrize("cfg", [

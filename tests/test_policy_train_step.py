@@ -94,6 +94,9 @@ def _one_step(rank, tp, pp, ckpt_dir, hf_dir, micro_batch_size):
     weights_after_swap = _hf_weights(model)
     out = dict(metrics=metrics, rows=(rows.start, rows.stop), last=last,
                before=torch.cat(before) if last else None, after=torch.cat(after) if last else None,
+               # The exact old / reference log-probs the loss saw, for the autograd reference.
+               old=torch.cat([mb.old_logprobs for mb in mbs]) if last else None,
+               ref=torch.cat([mb.ref_logprobs for mb in mbs]) if last else None,
                ref_after=torch.cat(ref_after) if last else None,
                weights=weights if rank == 0 else None,
                swap_restored=all(torch.equal(weights[k], weights_after_swap[k]) for k in weights),
@@ -170,6 +173,30 @@ def _single_rank(rank, world_size, ckpts, hf_dir):
     return _by_value(_one_step(rank, 1, 1, ckpts["tp1"], hf_dir, micro_batch_size=4))
 
 
+def _hf_autograd_reference(hf, old, ref):
+    """The step's loss and its gradient norm, by hand in plain PyTorch on the HF model.
+
+    Shares no code with megatron_lead: PPO clip 0.2/0.2 and 5e-4 * 0.5 (logp - ref)^2, token-mean
+    over the global batch, d/d(every HF parameter) by autograd. old / ref are the exact tensors
+    the Megatron step used (Megatron's own log-probs plus the test's offsets).
+    """
+    tokens, mask, advantages, _ = _batch()
+    hf.zero_grad()
+    logp = torch.log_softmax(hf(tokens).logits.float() / TEMPERATURE, -1)
+    logp = logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    logp = torch.cat([torch.zeros(len(ROWS), 1), logp], 1)[mask]  # column t is about token t
+    old, ref = old[mask], ref[mask]
+    adv = advantages[:, None].expand(mask.shape)[mask]
+    ratio = torch.exp(logp - old)
+    surrogate = torch.minimum(adv * ratio, adv * ratio.clamp(0.8, 1.2))
+    loss = (-surrogate + 5e-4 * 0.5 * (logp - ref) ** 2).sum() / mask.sum()
+    loss.backward()
+    grads = [p.grad for p in hf.parameters() if p.grad is not None]  # the tied weight once
+    norm = math.sqrt(sum(g.double().square().sum().item() for g in grads))
+    hf.zero_grad()
+    return loss.item(), norm
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     import transformers
@@ -192,7 +219,9 @@ def runs(tmp_path_factory):
     hf_logp = torch.cat([torch.zeros(len(ROWS), 1), hf_logp], 1)
     base = _as_torch(run_local(_single_rank, 1, ckpts, hf_dir)[0])
     two = _as_torch(run_local(_two_rank_layouts, 2, ckpts, hf_dir))
-    return dict(base=base, two=two, hf_logp=hf_logp, mask=_batch()[1])
+    hf_loss, hf_grad_norm = _hf_autograd_reference(hf, base["old"], base["ref"])
+    return dict(base=base, two=two, hf_logp=hf_logp, mask=_batch()[1],
+                hf_loss=hf_loss, hf_grad_norm=hf_grad_norm)
 
 
 def _assembled(results, key):
@@ -224,6 +253,15 @@ def test_layout_matches_tp1(runs, layout):
     # The step did something: it clipped and changed the log-probs.
     assert base["metrics"]["grad_norm"] > 1.0 and 0 < base["metrics"]["clip_frac"] < 1
     assert not torch.allclose(base["after"][mask], base["before"][mask], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_grad_norm_matches_hf_autograd_reference(runs):
+    """The gradient's scale, which Adam's first step hides from the weight comparisons: the
+    grad norm Megatron reports (before clipping, TP=1) equals autograd's on the HF model."""
+    m = runs["base"]["metrics"]
+    assert m["grad_norm"] == pytest.approx(runs["hf_grad_norm"], rel=1e-4)
+    assert m["loss"] == pytest.approx(runs["hf_loss"], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -45,6 +45,29 @@ def test_flags_reach_the_computation(tmp_path):
     assert rec["targets"]["b"] == 4000.0 and rec["w_corr"] == 0.7 and rec["w_corr_ema"] is None
 
 
+def test_grpo_is_unwhitened_and_whiten_is_a_switch(tmp_path):
+    """--method grpo writes the group-normalised correctness (the release's baseline, no
+    whitening); --whiten turns whitening on for it, --no-whiten off for LEAD."""
+    from test_lead_core import GRPO_BATCH, GRPO_BY_HAND, grpo_whitened_by_hand
+
+    step = {"step": 0, "prompts": [{"id": f"q{i}", "lengths": ls, "correct": cs}
+                                   for i, (ls, cs) in enumerate(GRPO_BATCH)]}
+    src = write(tmp_path, [step])
+
+    def advantages(*flags):
+        out = tmp_path / "o.jsonl"
+        assert main(["replay", str(src), "--out", str(out), *flags]) == 0
+        rec = json.loads(out.read_text())
+        return [a for p in step["prompts"] for a in rec["advantages"][p["id"]]]
+
+    assert advantages("--method", "grpo") == pytest.approx(GRPO_BY_HAND, abs=1e-12)
+    assert advantages("--method", "grpo", "--no-whiten") == pytest.approx(GRPO_BY_HAND, abs=1e-12)
+    assert advantages("--method", "grpo", "--whiten") == pytest.approx(grpo_whitened_by_hand(), abs=1e-9)
+    prompts = [(p["lengths"], p["correct"]) for p in step["prompts"]]
+    lead_raw = ref.lead_step(prompts, ref.NaivePSI(), whiten=False)[3]
+    assert advantages("--no-whiten") == pytest.approx([a for ap in lead_raw for a in ap], abs=1e-9)
+
+
 BAD = [
     ("{not json", "line 1: not valid JSON"),
     ({"prompts": GOOD["prompts"]}, "line 1: field 'step'"),

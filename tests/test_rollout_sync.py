@@ -162,3 +162,69 @@ def test_sync_from_megatron_matches_exported_hf(tmp_path, tp, pp):
     r = rank0["second"]["sampled"][0]
     stale = hf_logprobs(hf_first, r.prompt_ids, r.response_ids)
     assert max(abs(a - b) for a, b in zip(r.logprobs, stale)) > 1e-2
+
+
+def _save_tied_storing_lm_head(path) -> str:
+    """A tied tiny Qwen2 whose safetensors also stores lm_head.weight (an equal copy of the
+    embedding), as some released tied checkpoints do; the converter accepts such a folder."""
+    from safetensors.torch import load_file, save_file
+
+    hf_dir = save_tiny_qwen2(path, seed=0, tie_word_embeddings=True)
+    (file,) = path.glob("*.safetensors")
+    tensors = load_file(file)
+    assert "lm_head.weight" not in tensors  # transformers drops the tied copy; put it back
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, file, metadata={"format": "pt"})
+    return hf_dir
+
+
+def _tied_rank(rank, world, hf_dir):
+    from megatron_lead.policy.model import build_model, forward_logits, unwrap
+    from megatron_lead.policy.parallel import init_parallel
+    from megatron_lead.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
+    from megatron_lead.rollout.sync import make_weight_sync, sync_policy_weights
+
+    init_parallel(tp=1, pp=1, seed=321)
+    model = build_model(hf_dir, dtype=torch.float32)  # Megatron's own init: not the engine's weights
+    with torch.no_grad():
+        for p in model[0].parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    vocab = unwrap(model[0]).arch.vocab_size
+    engine = RolloutEngine(EngineConfig(model_path=hf_dir, **ENGINE_ARGS))
+    try:
+        batch = prompts(8)
+        greedy = SamplingConfig(temperature=0.0, max_response_len=GREEDY_LEN)
+        before = engine.generate(batch, greedy)
+        stats = sync_policy_weights(model, make_weight_sync(engine), bucket_bytes=64 << 10)
+        after = engine.generate(batch, greedy)
+        sampled = engine.generate(batch, SamplingConfig(temperature=1.0, max_response_len=SAMPLE_LEN, seed=5))
+    finally:
+        engine.close()
+    megatron_logp = _megatron_logprobs(model, sampled, vocab)
+    # Megatron's greedy choice at every position of the engine's greedy answers (teacher-forced).
+    width = max(len(r.prompt_ids) + len(r.response_ids) for r in after)
+    tokens = torch.zeros(len(after), width, dtype=torch.long)
+    for i, r in enumerate(after):
+        tokens[i, :len(r.prompt_ids) + len(r.response_ids)] = torch.tensor(r.prompt_ids + r.response_ids)
+    argmax = forward_logits(model, tokens)[..., :vocab].argmax(-1)
+    megatron_greedy = [argmax[i, len(r.prompt_ids) - 1:len(r.prompt_ids) + len(r.response_ids) - 1].tolist()
+                       for i, r in enumerate(after)]
+    return dict(stats=stats, before=before, after=after, sampled=sampled, megatron_logp=megatron_logp,
+                megatron_greedy=megatron_greedy)
+
+
+def test_sync_into_tied_checkpoint_that_stores_lm_head(tmp_path):
+    """The engine starts from a tied folder that also stores lm_head.weight: the policy streams
+    no head (it is the embedding), and the sync must accept that, as the converter does."""
+    from megatron_lead.policy.convert.checkpoint import hf_to_megatron
+
+    hf_dir = _save_tied_storing_lm_head(tmp_path / "hf")
+    hf_to_megatron(hf_dir, str(tmp_path / "ckpt"))  # the converter takes it (one rule for both)
+    out = run_local(_tied_rank, 1, hf_dir)[0]
+    assert out["stats"].tensors == 1 + 2 * 12 + 1  # embedding, 12 per layer, final norm; no head
+    assert [r.response_ids for r in out["before"]] != [r.response_ids for r in out["after"]]
+    for r, want in zip(out["after"], out["megatron_greedy"]):
+        assert r.response_ids == want
+    diffs = [abs(a - b) for r, m in zip(out["sampled"], out["megatron_logp"]) for a, b in zip(r.logprobs, m)]
+    assert len(diffs) > 20 and sum(diffs) / len(diffs) < 1e-3

@@ -18,8 +18,11 @@ WEIGHTINGS = ("psi", "static")
 METHODS: dict[str, dict] = {
     # LEAD: per-prompt mean-of-correct target, symmetric reward, decoupled norm, PSI weights.
     "lead": dict(target="mean_correct", reward="symmetric", normalisation="decoupled", weighting="psi"),
-    # GRPO on correctness alone: the control of every comparison table.
-    "grpo": dict(target="mean_correct", reward="none", normalisation="decoupled", weighting="static", static_w_corr=1.0),
+    # GRPO on correctness alone: the control of every comparison table. As the release's GRPO
+    # baseline, its advantages are the group-normalised correctness, not whitened (whiten=True
+    # turns the batch whitening back on).
+    "grpo": dict(target="mean_correct", reward="none", normalisation="decoupled", weighting="static",
+                 static_w_corr=1.0, whiten=False),
     # GRPO, combine-then-normalise: r = w_c r_corr + w_e r_eff, one group normalisation.
     "grpo_combined": dict(target="mean_correct", reward="symmetric", normalisation="combined", weighting="static"),
     # Decoupled normalisation with fixed weights (GDPO-style; LEAD's "no PSI" ablation).
@@ -72,7 +75,7 @@ class LeadConfig:
     group_std_eps: float = 1e-6
     """Added to the unbiased group std in the group normalisation."""
     whiten: bool = True
-    """Whiten the combined advantages over all response tokens of the batch."""
+    """Whiten the combined advantages over all response tokens of the batch (off in `grpo`)."""
     whiten_eps: float = 1e-8
     """Added to the token variance before rsqrt in the whitening."""
 

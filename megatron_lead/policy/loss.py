@@ -29,7 +29,7 @@ class LossConfig:
     kl_type: str = "mse"
     """mse: 0.5 (logp - logp_ref)^2 (the release); k3: exp(ref - logp) - (ref - logp) - 1; none."""
     entropy_coef: float = 0.0
-    """Entropy bonus weight (loss -= coef * entropy); 0 in the paper."""
+    """Entropy bonus weight (loss -= coef * entropy); 0 in the paper (the release's trainer config: 0.001)."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts; log-probs are of logits / temperature."""
     compute_entropy: bool = True

@@ -46,8 +46,13 @@ def _reload_in_worker(worker, weights: Iterator[NamedTensor]) -> None:
 
 
 def checkpoint_tensor_names(model_path: str | Path) -> set[str] | None:
-    """Tensor names of the HF checkpoint the engine started from (None if not safetensors)."""
+    """Tensor names of the HF checkpoint the engine started from that a weight stream must carry
+    (None if not safetensors): all of them but the ones the converter ignores too (RoPE buffers,
+    and lm_head.weight when the embeddings are tied: vLLM skips it, the policy streams none)."""
     from safetensors import safe_open
+
+    from megatron_lead.policy.convert.arch import arch_from_hf
+    from megatron_lead.policy.convert.checkpoint import ignorable_hf_tensor
 
     files = sorted(Path(model_path).glob("*.safetensors"))
     if not files:
@@ -56,7 +61,8 @@ def checkpoint_tensor_names(model_path: str | Path) -> set[str] | None:
     for f in files:
         with safe_open(str(f), framework="pt") as reader:
             names.update(reader.keys())
-    return names
+    arch = arch_from_hf(model_path)
+    return {n for n in names if not ignorable_hf_tensor(n, arch)}
 
 
 class ReloadWeightSync(WeightSync):
