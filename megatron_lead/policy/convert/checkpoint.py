@@ -60,8 +60,12 @@ def _tied_copy_needed(arch: ModelArch, pp: int) -> bool:
     return arch.tie_embeddings and pp > 1
 
 
-def _ignorable(hf_name: str, arch: ModelArch) -> bool:
-    # Old checkpoints store RoPE buffers; some tied ones also store the (equal) lm_head copy.
+def ignorable_hf_tensor(hf_name: str, arch: ModelArch) -> bool:
+    """An HF tensor that the mapping does not carry and no consumer needs: the one rule for the
+    converter and the weight sync (rollout/sync/reload.py).
+
+    Old checkpoints store RoPE buffers; some tied ones also store the (equal) lm_head copy.
+    """
     return hf_name.endswith("rotary_emb.inv_freq") or (
         arch.tie_embeddings and hf_name == "lm_head.weight")
 
@@ -88,7 +92,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     check_parallel_sizes(arch, tp, pp)
     with hf_io.HFReader(hf_dir) as reader, hf_io.atomic_dir(out_dir, overwrite) as tmp:
         expected = {n for p in placements(arch, pp) for n in p.hf_names}
-        unknown = sorted(n for n in set(reader.names()) - expected if not _ignorable(n, arch))
+        unknown = sorted(n for n in set(reader.names()) - expected if not ignorable_hf_tensor(n, arch))
         if unknown:
             raise ValueError(f"HF checkpoint {hf_dir} has tensors the {arch.family} table does not "
                              f"map: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
@@ -173,24 +177,51 @@ def load_megatron_checkpoint(model_chunks: list, ckpt_dir: str) -> None:
                                              parallel_state.get_pipeline_model_parallel_rank()))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {ckpt_dir} is missing shard file {os.path.basename(path)}")
-    targets = model_tensors(model_chunks[0])
     with safe_open(path, framework="pt", device="cpu") as f:
-        stored = set(f.keys())
-        missing = sorted(set(targets) - stored)
-        if missing:
-            raise ValueError(f"checkpoint {ckpt_dir} is missing tensor {missing[0]!r} in "
-                             f"{os.path.basename(path)}" + (f" (+{len(missing) - 1} more)"
-                                                            if len(missing) > 1 else ""))
-        unexpected = sorted(stored - set(targets))
-        if unexpected:
-            raise ValueError(f"checkpoint {ckpt_dir} has tensor {unexpected[0]!r} the model lacks")
-        with torch.no_grad():
-            for name, target in targets.items():
-                value = f.get_tensor(name)
-                if value.shape != target.shape:
-                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
-                                     f"the model expects {tuple(target.shape)}")
-                target.copy_(value)
+        _copy_into_model(model_chunks[0], set(f.keys()), f.get_tensor,
+                         f"checkpoint {ckpt_dir} ({os.path.basename(path)})")
+
+
+def _copy_into_model(model, stored: set[str], get, where: str) -> None:
+    """Copy every model tensor from `get(name)`; the names must match `stored` exactly."""
+    targets = model_tensors(model)
+    missing = sorted(set(targets) - stored)
+    if missing:
+        raise ValueError(f"{where} is missing tensor {missing[0]!r}"
+                         + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(stored - set(targets))
+    if unexpected:
+        raise ValueError(f"{where} has tensor {unexpected[0]!r} the model lacks")
+    with torch.no_grad():
+        for name, target in targets.items():
+            value = get(name)
+            if value.shape != target.shape:
+                raise ValueError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                 f"the model expects {tuple(target.shape)}")
+            target.copy_(value)
+
+
+def load_hf_weights(model_chunks: list, hf_dir: str) -> None:
+    """Load this rank's TP x PP shard straight from an HF folder (no conversion step on disk).
+
+    Every rank reads only the rows of the HF tensors its shard needs (safetensors slices).
+    """
+    from megatron.core import parallel_state
+
+    from megatron_lead.policy.model import unwrap
+
+    arch = unwrap(model_chunks[0]).arch
+    source = arch_from_hf(load_hf_config(hf_dir))
+    if source != arch:
+        diff = [k for k, v in arch.to_dict().items() if source.to_dict().get(k) != v]
+        raise ValueError(f"HF folder {hf_dir} holds a different model ({', '.join(diff)} differ)")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    with hf_io.HFReader(hf_dir) as reader:
+        shard = megatron_shard_from_hf(reader, arch, tp, pp,
+                                       parallel_state.get_tensor_model_parallel_rank(),
+                                       parallel_state.get_pipeline_model_parallel_rank())
+    _copy_into_model(model_chunks[0], set(shard), shard.__getitem__, f"HF folder {hf_dir}")
 
 
 def save_megatron_checkpoint(model_chunks: list, out_dir: str, hf_source_dir: str | None = None) -> None:
