@@ -1,0 +1,1 @@
+"""The RL trainer: the training loop's phases (rollout, advantages, update, checkpoint)."""
