@@ -3,7 +3,8 @@
 A command module defines `HELP`, `add_arguments(parser)` and `run(args) -> int`, and keeps
 its heavy imports (Megatron, vLLM) inside `run`, so `megatron-lead --help` stays instant.
 Errors a user can fix (bad input, bad settings, missing files) are raised as ValueError or
-OSError and printed as one line; MEGATRON_LEAD_DEBUG=1 shows the traceback instead.
+OSError, failures of a run (a rank or vLLM that died) as RuntimeError; all are printed as one
+line; MEGATRON_LEAD_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 import sys
 
 COMMANDS = {
+    "train": "megatron_lead.trainer.cli",
     "replay": "megatron_lead.replay",
     "convert": "megatron_lead.policy.convert.cli",
+    "grade": "megatron_lead.rewards.cli",
 }
 
 
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(modules[args.command].run(args) or 0)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("MEGATRON_LEAD_DEBUG"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__

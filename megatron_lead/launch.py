@@ -45,11 +45,16 @@ def _worker(rank: int, world_size: int, port: int, store: str, fn: Callable, arg
             dist.destroy_process_group()
 
 
-def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float = 600.0) -> list:
+def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float | None = 600.0) -> list:
     """Call fn(rank, world_size, *args) on `world_size` processes; return the results by rank.
 
-    fn must be importable at module level (spawned processes re-import it).
+    fn must be importable at module level (spawned processes re-import it). timeout: seconds for
+    the whole run (None: no limit). A rank that dies without reporting (killed, out of memory)
+    fails the run within seconds, naming the rank; the other ranks are then terminated.
     """
+    import queue as queue_module
+    import time
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -61,19 +66,31 @@ def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float = 6
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, ok, value = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, ok, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:
+                    r = dead[0]
+                    errors.append(f"rank {r} died with exit code {procs[r].exitcode} without reporting")
+                elif deadline is not None and time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout:.0f}s waiting for {world_size - len(results)} rank(s)")
+                continue
             if ok:
                 results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
-                break
     finally:
         for p in procs:
-            p.join(timeout=5 if errors else timeout)
+            p.join(timeout=5 if errors else 60)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
                 p.join()
         shutil.rmtree(store_dir, ignore_errors=True)
     if errors:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_lead.launch import run_local
+from megatron_lead.rollout.sync.reload import ReloadWeightSync
 from rollout_tiny import ENGINE_ARGS, hf_logprobs, prompts, save_tiny_qwen2
 
 pytestmark = pytest.mark.slow
@@ -18,8 +19,16 @@ pytestmark = pytest.mark.slow
 PAD_ID = 253
 MAX_LEN = 4
 # A quarter of the vocabulary stops a rollout: with MAX_LEN = 4 some stop, some are cut off.
-SAMPLING = dict(n=2, temperature=0.7, max_response_len=MAX_LEN, stop_token_ids=tuple(range(0, 250, 4)),
-                seed=7)
+SAMPLING = dict(n=2, temperature=0.7, max_response_len=MAX_LEN, stop_token_ids=tuple(range(0, 250, 4)))
+PROMPTS = prompts(8, seed=1)  # the step's global prompt list
+
+
+class _StaleSync(ReloadWeightSync):
+    """Drains the weight stream without loading it: the engine keeps its old weights."""
+
+    def push(self, buckets):
+        for _ in buckets:
+            pass
 
 
 def _rank(rank, world, tp, pp, hf_dir, out_dir):
@@ -32,7 +41,7 @@ def _rank(rank, world, tp, pp, hf_dir, out_dir):
     from megatron_lead.policy.model import build_model
     from megatron_lead.policy.parallel import init_parallel
     from megatron_lead.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
-    from megatron_lead.rollout.step import rollout_step
+    from megatron_lead.rollout.step import rollout_step, sampling_seed
     from megatron_lead.rollout.sync import make_weight_sync
 
     init_parallel(tp=tp, pp=pp, seed=123)
@@ -60,18 +69,28 @@ def _rank(rank, world, tp, pp, hf_dir, out_dir):
             dist.broadcast(p, src=dist.get_process_group_ranks(dp_group)[0], group=dp_group)
     save_hf_checkpoint(model, out_dir, hf_source_dir=hf_dir)
     engine = RolloutEngine(EngineConfig(model_path=hf_dir, **ENGINE_ARGS))
-    dp_rank = parallel_state.get_data_parallel_rank()
-    batch = rollout_step(model, engine, make_weight_sync(engine), prompts(8, seed=1 + dp_rank),
-                         SamplingConfig(**SAMPLING), micro_batch_size=4, pad_id=PAD_ID)
+    sampling = SamplingConfig(**SAMPLING)
+    seeds = [sampling_seed(7, 3, 100 + i) for i in range(len(PROMPTS))]
+    batch = rollout_step(model, engine, make_weight_sync(engine), PROMPTS, sampling,
+                         micro_batch_size=4, pad_id=PAD_ID, seeds=seeds)
+    # Seeds follow the prompt: one replica generating every prompt gives the same rollouts.
+    alone = engine.generate(PROMPTS, sampling, seeds) if rank == 0 else None
+    # A weight sync that loads nothing, after the policy moved: the metric must see the gap.
+    with torch.no_grad():
+        for p in model[0].parameters():
+            p.mul_(1.3)
+    stale = rollout_step(model, engine, _StaleSync(engine), PROMPTS, sampling,
+                         micro_batch_size=4, pad_id=PAD_ID, seeds=seeds).metrics
     engine.close()
     # One rank per DP rank holds the full result: the last pipeline stage's TP rank 0.
     owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    return dict(batch=batch, start_error=start_error, left_over=left_over, owner=owner, dp_rank=dp_rank)
+    return dict(batch=batch, start_error=start_error, left_over=left_over, owner=owner,
+                dp_rank=parallel_state.get_data_parallel_rank(), alone=alone, stale=stale)
 
 
-# PP=2: rollouts broadcast in the model-parallel group, old_logprobs on the last stage only, the
-# metric all-reduced over PP. DP=2: different prompts per DP rank, metrics all-reduced over DP.
-# (TP=2 x world 2 passes as well; test_rollout_sync covers the TP sync.)
+# PP=2: old_logprobs on the last stage only, the metric all-reduced over PP. DP=2: each DP rank
+# keeps its half of the step's rollouts, metrics all-reduced over DP. Four vLLM replicas (TP=1),
+# each generating a quarter of the prompts.
 @pytest.mark.parametrize("world,tp,pp", [(4, 1, 2)])
 def test_rollout_step(tmp_path, world, tp, pp):
     import transformers
@@ -85,26 +104,36 @@ def test_rollout_step(tmp_path, world, tp, pp):
     print({k: round(v, 8) for k, v in metrics.items()})
     print("failed start:", results[0]["start_error"])
 
+    G = SAMPLING["n"]
+    everything = results[0]["batch"].all_rollouts
     for r in results:
         assert r["start_error"] is not None and "vLLM could not start" in r["start_error"]
         assert "\n" not in r["start_error"] and "memory" in r["start_error"].lower()
         assert not r["left_over"]
         assert r["batch"].metrics == metrics  # the same on every rank (times: the slowest's)
+        assert [x.response_ids for x in r["batch"].all_rollouts] == [x.response_ids for x in everything]
         if not r["owner"] and pp > 1:
             assert r["batch"].old_logprobs is None  # first pipeline stage
 
+    # Every prompt's G rollouts generated exactly once, in prompt order, and kept.
+    assert metrics["rollout/generated_sequences"] == len(everything) == len(PROMPTS) * G
+    assert [x.prompt_index for x in everything] == [i // G for i in range(len(everything))]
+    assert [x.prompt_ids for x in everything] == [PROMPTS[i // G] for i in range(len(everything))]
+    assert [x.response_ids for x in results[0]["alone"]] == [x.response_ids for x in everything]
+    # Each DP rank trains on its own half; together they cover the step exactly once.
+    assert sorted(i for o in owners for i in o["batch"].rows) == list(range(len(everything)))
+
     hf = transformers.Qwen2ForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
-    all_rollouts, gaps, old_vs_hf = [], [], []
+    gaps, old_vs_hf, diff_sum, diff_tokens = [], [], 0.0, 0
     for owner in owners:
         batch, rollouts = owner["batch"], owner["batch"].rollouts
-        all_rollouts += rollouts
         # Packing: row i is rollout i, right-padded, the mask exactly on its response tokens.
-        assert len(rollouts) == 8 * SAMPLING["n"] == batch.tokens.size(0)
+        assert len(rollouts) == len(everything) // 2 == batch.tokens.size(0)
         width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-        assert batch.tokens.shape == batch.response_mask.shape == batch.old_logprobs.shape == (16, width)
+        assert batch.tokens.shape == batch.response_mask.shape == batch.old_logprobs.shape == (8, width)
         for i, r in enumerate(rollouts):
             p, n = len(r.prompt_ids), len(r.response_ids)
-            assert r.prompt_ids == prompts(8, seed=1 + owner["dp_rank"])[i // SAMPLING["n"]]
+            assert r is not None and r.response_ids == everything[batch.rows[i]].response_ids
             assert batch.tokens[i].tolist() == r.prompt_ids + r.response_ids + [PAD_ID] * (width - p - n)
             assert batch.response_mask[i].tolist() == [False] * p + [True] * n + [False] * (width - p - n)
             assert batch.rollout_logprobs[i, p:p + n].tolist() == pytest.approx(r.logprobs, abs=1e-6)
@@ -114,18 +143,21 @@ def test_rollout_step(tmp_path, world, tp, pp):
             ref = hf_logprobs(hf, r.prompt_ids, r.response_ids, SAMPLING["temperature"])
             gaps += [abs(a - b) for a, b in zip(r.logprobs, ref)]
             old_vs_hf += [abs(a - b) for a, b in zip(batch.old_logprobs[i, p:p + n].tolist(), ref)]
+            diff_sum += sum(abs(a - b) for a, b in zip(r.logprobs, batch.old_logprobs[i, p:p + n].tolist()))
+            diff_tokens += n
 
-    # Truncation: really cut at MAX_LEN (a stop token ends the others), counted over all DP ranks.
-    cut = sum(r.truncated for r in all_rollouts)
-    assert 0 < cut < len(all_rollouts)
-    for r in all_rollouts:
+    # Truncation: really cut at MAX_LEN (a stop token ends the others).
+    cut = sum(r.truncated for r in everything)
+    assert 0 < cut < len(everything)
+    for r in everything:
         if r.truncated:
             assert len(r.response_ids) == MAX_LEN
         else:
             assert r.response_ids[-1] in SAMPLING["stop_token_ids"]
-    assert metrics["rollout/truncated_frac"] == cut / len(all_rollouts)
-    lens = [len(r.response_ids) for r in all_rollouts]
+    assert metrics["rollout/truncated_frac"] == cut / len(everything)
+    lens = [len(r.response_ids) for r in everything]
     assert metrics["rollout/response_len_mean"] == pytest.approx(sum(lens) / len(lens))
+    assert metrics["rollout/generated_tokens"] == sum(lens) == diff_tokens
 
     # Weight sync: the whole fp32 model went into vLLM.
     hf_start = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir)
@@ -133,13 +165,18 @@ def test_rollout_step(tmp_path, world, tp, pp):
     assert metrics["rollout/sync_seconds"] > 0 and metrics["rollout/sync_gb_per_s"] > 0
     assert metrics["rollout/generate_seconds"] > 0
 
-    # rollout/logprob_diff (vLLM vs Megatron, token-weighted over DP) vs vLLM vs transformers.
+    # rollout/logprob_diff is vLLM vs Megatron over the returned batches, token-weighted over DP
+    # (recomputed here from the tensors), small, and of the size of vLLM vs transformers.
     expected = sum(gaps) / len(gaps)
     print(f"logprob_diff {metrics['rollout/logprob_diff']:.3e}, vLLM vs HF {expected:.3e}, "
-          f"max |old - HF| {max(old_vs_hf):.3e} over {len(gaps)} tokens")
-    assert metrics["rollout/logprob_diff"] < 1e-3
+          f"max |old - HF| {max(old_vs_hf):.3e} over {len(gaps)} tokens, "
+          f"stale engine {results[0]['stale']['rollout/logprob_diff']:.3e}")
+    assert metrics["rollout/logprob_diff"] == pytest.approx(diff_sum / diff_tokens, rel=1e-6, abs=1e-12)
+    assert 0 < metrics["rollout/logprob_diff"] < 1e-3
     assert metrics["rollout/logprob_diff"] == pytest.approx(expected, abs=1e-5)
     assert max(old_vs_hf) < 1e-4
+    # An engine that did not receive the new weights shows up.
+    assert results[0]["stale"]["rollout/logprob_diff"] > 0.05
 
 
 def _without_engine(rank, world_size):
@@ -149,13 +186,15 @@ def _without_engine(rank, world_size):
 
     init_parallel(2, 1)
     try:
-        rollout_step(None, None, None, [[1, 2, 3]], SamplingConfig(), micro_batch_size=1, pad_id=0)
+        rollout_step(None, None, None, [[1, 2, 3]], SamplingConfig(n=2), micro_batch_size=1, pad_id=0)
     except ValueError as e:
         return str(e)
     return None
 
 
-def test_missing_engine_fails_on_every_rank_of_the_group():
-    # Without the group-wide check only rank 0 would raise and rank 1 would wait in a collective.
+def test_missing_engine_fails_on_every_rank():
+    # Without the collective check only the rank missing an engine would raise and the other
+    # would wait in a collective.
     messages = run_local(_without_engine, 2, timeout=120)
-    assert all(m and "rank 0 (first of its model-parallel group) needs a rollout engine" in m for m in messages)
+    assert all(m and "every trainer rank needs a rollout engine; missing on rank 0, rank 1" in m
+               for m in messages)

@@ -1,14 +1,13 @@
 """The rollout engine: vLLM generating G completions per prompt, token ids in, tokens + log-probs out.
 
 Where vLLM runs (`EngineConfig.placement`; vLLM's TP size is its own, not Megatron's TP x PP):
-- CPU (tests, CI): always in this process, since `sync.reload` hands the worker a Python
-  iterator. Inside a trainer rank (a torch.distributed default group exists) vLLM starts with its
-  `external_launcher` executor, which reuses the trainer's group (a process has only one default
-  group): every trainer rank builds an engine at the same time (the start is collective) and
-  vLLM's TP groups are carved out of the trainer's ranks; at vLLM TP=1 each rank has its own.
-- GPU, "colocate": trainer rank 0 builds the engine; vLLM's workers are processes of their own on
-  the same GPUs, sleep during training (`sleep()` / `wake_up()`) and take weights over CUDA IPC
-  from every trainer rank (`sync.transfer_api`, "ipc").
+- "colocate" (CPU and GPU): in this process. Inside a trainer rank (a torch.distributed default
+  group exists) vLLM starts with its `external_launcher` executor, which reuses the trainer's group
+  (a process has only one default group): every trainer rank builds an engine at the same time
+  (the start is collective) and vLLM's TP groups are carved out of consecutive trainer ranks, so
+  world / vLLM-TP replicas generate side by side, each from its own slice of the prompts. On GPUs
+  each rank's worker shares its GPU with Megatron and sleeps during training (`sleep()` /
+  `wake_up()`); weights arrive in-process (`sync.reload`).
 - GPU, "separate": vLLM on GPUs of its own; weights over NCCL (`sync.transfer_api`, "nccl").
 
 Log-probs are vLLM's "processed" ones: of logits / temperature (after top-p), i.e. the
@@ -50,7 +49,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_response_len: int = 1024
     stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids
-    seed: int | None = None              # prompt i uses seed + i, so a batch is reproducible
+    seed: int | None = None              # prompt i uses seed + i, unless generate() gets seeds
 
 
 @dataclass
@@ -111,10 +110,12 @@ class RolloutEngine:
         # Inside a trainer rank vLLM must reuse the trainer's process group (a second default
         # group cannot exist in one process); external_launcher is vLLM's mode for exactly that.
         self.in_trainer = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # Colocated engines (and every engine on CPU) run their worker in this process.
+        self.in_process = config.placement == "colocate" or on_cpu()
         if self.in_trainer and on_cpu() and config.placement == "separate":
             raise ValueError("placement 'separate' needs GPUs for vLLM; on CPU use 'colocate' "
                              "(the engine runs inside each trainer rank)")
-        if self.in_trainer and config.placement == "colocate" and on_cpu():
+        if self.in_trainer and self.in_process:
             world = torch.distributed.get_world_size()
             if world % config.tensor_parallel_size:
                 raise ValueError(f"trainer world size {world} is not divisible by vLLM "
@@ -123,8 +124,8 @@ class RolloutEngine:
 
         if vps.model_parallel_is_initialized():
             raise RuntimeError("a vLLM engine already runs in this process; close() it first")
-        if on_cpu():
-            # The CPU weight sync passes a Python iterator to the worker: it must be in-process.
+        if self.in_process:
+            # The in-process weight sync passes a Python iterator to the worker.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = self._start()
 
@@ -142,7 +143,7 @@ class RolloutEngine:
             seed=c.seed,
             logprobs_mode="processed_logprobs",
         )
-        if self.in_trainer and c.placement == "colocate" and on_cpu():
+        if self.in_process and self.in_trainer:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if not on_cpu() and c.placement == "colocate":
             kwargs["enable_sleep_mode"] = True
@@ -196,14 +197,22 @@ class RolloutEngine:
             seed=seed,
         )
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
-        """G = sampling.n rollouts per prompt, grouped: rollouts[i*G:(i+1)*G] answer prompts[i]."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 seeds: Sequence[int] | None = None) -> list[Rollout]:
+        """G = sampling.n rollouts per prompt, grouped: rollouts[i*G:(i+1)*G] answer prompts[i].
+
+        seeds: one sampling seed per prompt (vLLM seeds each request on its own, so a prompt's
+        samples do not depend on which replica or batch it lands in); default sampling.seed + i.
+        """
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             return []
-        params = [self.sampling_params(sampling, None if sampling.seed is None else sampling.seed + i)
-                  for i in range(len(prompts))]
+        if seeds is None:
+            seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        params = [self.sampling_params(sampling, s) for s in seeds]
         if self.llm is None:
             raise RuntimeError("the rollout engine is closed")
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
@@ -225,7 +234,7 @@ class RolloutEngine:
     def sleep(self) -> None:
         """Free GPU memory for training (weights and KV cache); no-op on CPU."""
         if not on_cpu() and self.config.placement == "colocate":
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=1)  # weights are re-sent every step: level 1 keeps them on the host
 
     def wake_up(self) -> None:
         if not on_cpu() and self.config.placement == "colocate":

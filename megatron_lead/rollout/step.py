@@ -1,26 +1,32 @@
-"""The trainer's rollout step, once per RL step: sync weights -> generate -> pack -> old log-probs.
+"""The trainer's rollout step, once per RL step: sync weights -> generate -> share -> pack -> old log-probs.
 
-    rollout_step:  push the current Megatron weights into vLLM (sync.sync_policy_weights)
-                   -> G rollouts per prompt of this data-parallel rank (engine.generate)
+    rollout_step:  push the current Megatron weights into every vLLM replica (sync_policy_weights)
+                   -> each replica generates G rollouts for its own slice of the step's prompts
+                   -> the rollouts are shared, and each data-parallel rank keeps the ones it trains
                    -> right-padded [B, s] tokens + response mask (RolloutBatch)
                    -> Megatron's log-probs of the same tokens at the sampling temperature
                       (PPO's old_logprobs) and rollout/* metrics, the same on every rank
 
 Where things live:
-- Prompts are this DP rank's share. Inside one model-parallel (TP x PP) group every rank must
-  feed Megatron the same tokens (unseeded engines would sample differently), so the group's
-  first rank's rollouts are broadcast to the group. That rank needs an engine; the others may
-  pass engine=None (on CPU every rank has one and generates too, but its rollouts are dropped).
-  A single engine serving several DP ranks (GPU colocate with DP > 1) is not handled here.
+- Every trainer rank hosts one in-process vLLM worker (engine.py, `external_launcher`); vLLM's TP
+  groups are consecutive trainer ranks, so there are world / vllm_tp replicas. Replica r generates
+  the r-th contiguous slice of the step's prompts: nothing is generated twice, and every rollout
+  is kept. The first rank of each replica contributes its rollouts to one all-gather.
+- Sampling seeds follow the prompt (`sampling_seed`: run seed, step, the prompt's dataset index),
+  not the rank, so a step samples the same rollouts whatever the layout.
+- The step's rollouts are ordered by prompt (prompt i's G rollouts are rows i*G .. i*G+G-1 of the
+  global list). They are cut into `num_mini_batches` consecutive chunks (PPO mini-batches) and each
+  chunk into dp consecutive parts; DP rank d keeps part d of every chunk, in chunk order.
 - old_logprobs are on the last pipeline stage only (None on the others), as train_step reads
   them (MicroBatch.old_logprobs); the metrics are reduced so every rank holds the same values.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,7 +52,19 @@ class RolloutBatch:
     truncated: torch.Tensor
     """[B] bool, cut off at max_response_len (finish_reason "length"): no final answer."""
     rollouts: list[Rollout]
+    """This data-parallel rank's rollouts (rows of the tensors above); prompt_index is the prompt's
+    position in the step's global prompt list."""
+    rows: list[int] = field(default_factory=list)
+    """Position of each of this rank's rollouts in `all_rollouts`."""
+    all_rollouts: list[Rollout] = field(default_factory=list)
+    """Every rollout of the step, ordered by prompt (the same list on every rank)."""
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def sampling_seed(run_seed: int, step: int, prompt_index: int) -> int:
+    """The vLLM seed of one prompt's G samples: a hash of (run seed, step, dataset index)."""
+    digest = hashlib.blake2b(f"{run_seed}:{step}:{prompt_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def pack_rollouts(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
@@ -66,27 +84,66 @@ def pack_rollouts(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tenso
                 truncated=torch.tensor([r.truncated for r in rollouts], dtype=torch.bool))
 
 
-def _generate_in_model_parallel_group(engine, prompts, sampling) -> list[Rollout]:
-    """The model-parallel group's first rank's rollouts, on every rank of the group."""
-    from megatron.core import parallel_state
+def replica_slices(num_prompts: int, replicas: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) prompt ranges, one per replica, sizes differing by at most one."""
+    base, extra = divmod(num_prompts, replicas)
+    bounds, lo = [], 0
+    for r in range(replicas):
+        hi = lo + base + (r < extra)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
 
-    group = parallel_state.get_model_parallel_group()
-    src = dist.get_process_group_ranks(group)[0]
-    rollouts = [] if engine is None else engine.generate(prompts, sampling)
-    if dist.get_world_size(group) > 1:
-        box = [rollouts]
-        dist.broadcast_object_list(box, src=src, group=group)
-        rollouts = box[0]
-    return rollouts
+
+def data_parallel_rows(total: int, num_mini_batches: int, dp: int, dp_rank: int) -> list[int]:
+    """Rows of the step's global rollout list that data-parallel rank dp_rank trains on."""
+    if total % (num_mini_batches * dp):
+        raise ValueError(f"{total} rollouts do not split into {num_mini_batches} mini-batches x "
+                         f"{dp} data-parallel ranks")
+    chunk = total // num_mini_batches
+    part = chunk // dp
+    return [k * chunk + dp_rank * part + j for k in range(num_mini_batches) for j in range(part)]
+
+
+def generate_distributed(engine, prompts: Sequence[Sequence[int]], seeds: Sequence[int],
+                         sampling: SamplingConfig, vllm_tp: int = 1) -> tuple[list[Rollout], int]:
+    """Collective over all trainer ranks: every prompt's G rollouts, generated once, on every rank.
+
+    Returns (all rollouts ordered by prompt, number of sequences generated over all replicas).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % vllm_tp:
+        raise ValueError(f"trainer world size {world} is not divisible by vLLM tensor_parallel_size {vllm_tp}")
+    lo, hi = replica_slices(len(prompts), world // vllm_tp)[rank // vllm_tp]
+    local = engine.generate(prompts[lo:hi], sampling, seeds[lo:hi]) if hi > lo else []
+    for r in local:
+        r.prompt_index += lo
+    # The ranks of one replica hold the same rollouts: only its first rank contributes them.
+    mine = local if rank % vllm_tp == 0 else []
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    rollouts = [r for part in parts for r in part]
+    return rollouts, len(rollouts)
+
+
+def _check_engines(engine) -> None:
+    """Every rank hosts an engine: checked collectively, so a missing one fails on every rank."""
+    from megatron_lead.policy.parallel import errors_on_any_rank
+
+    errors = errors_on_any_rank(f"rank {dist.get_rank()}" if engine is None else None)
+    if errors:
+        raise ValueError(f"every trainer rank needs a rollout engine; missing on {', '.join(errors)}")
 
 
 def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int]],
                  sampling: SamplingConfig, *, micro_batch_size: int, pad_id: int,
-                 hf_config: Any = None) -> RolloutBatch:
-    """Collective over all trainer ranks: one RL step's rollouts of this DP rank's prompts.
+                 seeds: Sequence[int] | None = None, vllm_tp: int = 1, num_mini_batches: int = 1,
+                 hf_config=None) -> RolloutBatch:
+    """Collective over all trainer ranks: one RL step's rollouts of the step's global prompt list.
 
-    engine / weight_sync: this rank's RolloutEngine and WeightSync (None / a draining sync on a
-    rank without an engine). B = len(prompts) * sampling.n must divide by micro_batch_size.
+    prompts: the step's prompts (token ids), the same list on every rank. seeds: one sampling seed
+    per prompt (default sampling.seed + i). The rows this data-parallel rank keeps
+    (len(prompts) * G / dp of them) must divide by micro_batch_size.
     """
     from megatron.core import parallel_state
 
@@ -98,31 +155,30 @@ def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int
                          f"temperature), got {sampling.temperature}")
     if not prompts:
         raise ValueError("rollout_step got no prompts")
-    if (len(prompts) * sampling.n) % micro_batch_size:
-        raise ValueError(f"{len(prompts)} prompts x n={sampling.n} rollouts are not divisible by "
-                         f"micro_batch_size {micro_batch_size}")
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    total = len(prompts) * sampling.n
+    rows = data_parallel_rows(total, num_mini_batches, dp, dp_rank)
+    if len(rows) % micro_batch_size:
+        raise ValueError(f"{len(prompts)} prompts x n={sampling.n} rollouts over {dp} data-parallel "
+                         f"rank(s) are not divisible by micro_batch_size {micro_batch_size}")
+    if seeds is None:
+        seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
+    _check_engines(engine)
 
-    # 0. The group's generating rank has an engine: checked on every rank of the group, so a
-    # missing one fails everywhere at once instead of leaving the others in a collective.
-    group = parallel_state.get_model_parallel_group()
-    src = dist.get_process_group_ranks(group)[0]
-    (missing,) = reduce_scalars([float(dist.get_rank() == src and engine is None)], [group])
-    if missing:
-        raise ValueError(f"rank {src} (first of its model-parallel group) needs a rollout engine")
-
-    # 1. Current weights into vLLM (collective: ranks without an engine drain the stream).
-    if engine is not None:
-        engine.wake_up()  # GPU colocate: weights and KV cache back from sleep; no-op on CPU
+    # 1. Current weights into every replica (collective over all ranks).
+    engine.wake_up()  # GPU colocate: weights and KV cache back from sleep; no-op on CPU
     sync = sync_policy_weights(model_chunks, weight_sync, hf_config)
 
-    # 2. G rollouts per prompt; the same ones on every rank of the model-parallel group.
+    # 2. Each replica: its slice of the prompts; then every rank holds every rollout.
     start = time.perf_counter()
-    rollouts = _generate_in_model_parallel_group(engine, prompts, sampling)
+    all_rollouts, generated = generate_distributed(engine, prompts, seeds, sampling, vllm_tp)
     generate_seconds = time.perf_counter() - start
-    if engine is not None:
-        engine.sleep()  # GPU colocate: free the memory for the Megatron passes; no-op on CPU
+    engine.sleep()  # GPU colocate: free the memory for the Megatron passes; no-op on CPU
+    if generated != total:
+        raise RuntimeError(f"the replicas returned {generated} rollouts, expected {total}")
 
-    # 3. Pack, right-padded (Megatron's RoPE takes every row from position 0).
+    # 3. This DP rank's rollouts, right-padded (Megatron's RoPE takes every row from position 0).
+    rollouts = [all_rollouts[i] for i in rows]
     packed = pack_rollouts(rollouts, pad_id)
 
     # 4. Megatron's log-probs of the sampled tokens: PPO's old_logprobs (last stage only).
@@ -134,24 +190,27 @@ def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int
     old_logprobs = torch.cat(per_micro_batch) if per_micro_batch else None
 
     # 5. Metrics, the same on every rank: log-prob gap over PP (only the last stage has it, the
-    # others add 0) then token-weighted over DP; counts over DP; times of the slowest rank.
+    # others add 0) then token-weighted over DP; counts from the global list; times of the
+    # slowest rank.
     mask = packed["response_mask"]
     num_tokens = float(mask.sum())
     diff_sum = 0.0
     if old_logprobs is not None:
         diff_sum = logprob_diff(packed["rollout_logprobs"], old_logprobs, mask) * num_tokens
     (diff_sum,) = reduce_scalars([diff_sum], [parallel_state.get_pipeline_model_parallel_group()])
-    diff_sum, tokens, truncated, count = reduce_scalars(
-        [diff_sum, num_tokens, float(packed["truncated"].sum()), float(len(rollouts))],
-        [parallel_state.get_data_parallel_group()])
+    diff_sum, tokens = reduce_scalars([diff_sum, num_tokens], [parallel_state.get_data_parallel_group()])
     sync_seconds, generate_seconds = reduce_scalars([sync.seconds, generate_seconds], [dist.group.WORLD],
                                                     dist.ReduceOp.MAX)
     sync.seconds = sync_seconds
+    lengths = [len(r.response_ids) for r in all_rollouts]
     metrics = {
         **sync.metrics(),
         "rollout/generate_seconds": generate_seconds,
+        "rollout/generated_sequences": float(generated),
+        "rollout/generated_tokens": float(sum(lengths)),
         "rollout/logprob_diff": diff_sum / max(tokens, 1.0),
-        "rollout/truncated_frac": truncated / count,
-        "rollout/response_len_mean": tokens / count,
+        "rollout/truncated_frac": sum(r.truncated for r in all_rollouts) / len(all_rollouts),
+        "rollout/response_len_mean": sum(lengths) / len(lengths),
     }
-    return RolloutBatch(old_logprobs=old_logprobs, rollouts=rollouts, metrics=metrics, **packed)
+    return RolloutBatch(old_logprobs=old_logprobs, rollouts=rollouts, rows=rows,
+                        all_rollouts=all_rollouts, metrics=metrics, **packed)

@@ -87,16 +87,17 @@ class WeightSync(ABC):
 
 
 def make_weight_sync(engine=None, transport: str = "auto", **transport_args) -> WeightSync:
-    """The transport for this engine: "reload" on CPU, else the engine's weight_transfer backend.
+    """The transport for this engine: "reload" for an in-process (colocated or CPU) engine, else the
+    engine's weight_transfer backend ("nccl" for a separate engine).
 
     engine: this rank's RolloutEngine, or None on a rank that hosts none. transport_args go to
     the GPU transport (`transfer_api.TransferApiWeightSync`: metadata, nccl_init, bucket_bytes).
     """
     if transport == "auto":
-        if engine is None or not torch.cuda.is_available():
+        if engine is None or engine.in_process:
             transport = "reload"
         else:
-            transport = engine.config.weight_transfer or "ipc"
+            transport = engine.config.weight_transfer or "nccl"
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown weight-sync transport {transport!r}; use one of {TRANSPORTS}")
     if transport == "reload":
