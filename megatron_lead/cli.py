@@ -16,6 +16,7 @@ import sys
 
 COMMANDS = {
     "train": "megatron_lead.trainer.cli",
+    "sft": "megatron_lead.trainer.sft",
     "replay": "megatron_lead.replay",
     "convert": "megatron_lead.policy.convert.cli",
     "grade": "megatron_lead.rewards.cli",

@@ -145,6 +145,11 @@ class RolloutEngine:
         )
         if self.in_process and self.in_trainer:
             kwargs["distributed_executor_backend"] = "external_launcher"
+        if on_cpu():
+            # A prompt whose prefill is split over two engine steps has its sampled token thrown
+            # away and its seeded generator rewound, which CPU generators cannot do ("CPU
+            # Generator does not use offset"): keep every prefill whole on CPU.
+            kwargs["enable_chunked_prefill"] = False
         if not on_cpu() and c.placement == "colocate":
             kwargs["enable_sleep_mode"] = True
         if c.weight_transfer is not None:
