@@ -11,9 +11,6 @@ is one token, which makes expected token counts in tests easy to write by hand.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 VOCAB_SIZE = 256
 UNK, IM_START, IM_END, PAD, BOS, EOS = (
     "<|unk|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|bos|>", "<|endoftext|>")
@@ -37,26 +34,9 @@ def characters() -> list[str]:
 
 def save_tiny_tokenizer(path) -> str:
     """Write the tokenizer (tokenizer.json, tokenizer_config.json with the chat template,
-    special_tokens_map.json) into `path` and return it; loadable by AutoTokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
+    special_tokens_map.json) into `path` and return it; loadable by AutoTokenizer. The package
+    builder gives ids by position and roles by name: unk/pad/bos by name, eos = last special,
+    <|im_start|>/<|im_end|> as extra special tokens."""
+    from megatron_lead.data.char_tokenizer import save_char_tokenizer
 
-    vocab = {ch: i for i, ch in enumerate(characters() + list(SPECIALS))}
-    # BPE with no merges is character-level; no pre-tokenizer, so spaces stay ordinary tokens,
-    # and Fuse concatenates on decode (the default decoder would join tokens with spaces).
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token=UNK, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-        extra_special_tokens=[IM_START, IM_END], clean_up_tokenization_spaces=False,
-        model_max_length=4096)
-    fast.chat_template = CHAT_TEMPLATE
-    Path(path).mkdir(parents=True, exist_ok=True)
-    # Template inside tokenizer_config.json and a special_tokens_map.json as well (transformers 5
-    # writes neither by default), so older readers (vLLM's, transformers 4) see the same thing.
-    fast.save_pretrained(str(path), save_jinja_files=False)
-    special = dict(bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-                   additional_special_tokens=[IM_START, IM_END])
-    (Path(path) / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    return str(path)
+    return save_char_tokenizer(path, characters(), SPECIALS, CHAT_TEMPLATE, eos_token=EOS)

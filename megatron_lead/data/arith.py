@@ -1,0 +1,234 @@
+"""The built-in task: chains of +/- on single digits, with verbose worked solutions.
+
+Why this task: LEAD is meant to cut the text a reasoning model does not need while keeping the
+text it does (LEAD_SPEC section 11). Shortening shows up only when redundant text carries some
+risk of error, and LEAD's edge over a blunt length penalty shows up only when some text is
+required, more of it for harder problems. So a worked solution has both kinds:
+
+* Required steps, one per operation: `7+3=10.` then `10-5=5.` then `5+2=7.`, then
+  `Answer: \\boxed{7}`. Each step starts from the previous result and no operand is 0, so
+  dropping a step always changes the result: a level-L problem needs L steps.
+* Redundant pieces, inserted after a step (each with probability `redundancy`, so 0-2 per step,
+  always in this order): a re-check that undoes the step and redoes it,
+  `Check: 10-3=7, 7+3=10.`, and a restatement, `So far 10.` Both are correct in the data and
+  safe to drop. Both end by stating the running total, and the next required step (or the
+  answer) always starts from the most recently stated total. A model that slips inside a
+  redundant piece (a mis-copied total, a wrong re-computation) therefore carries the slip into
+  the answer, while a model that skips the pieces loses nothing. That is the error risk that
+  makes correct rollouts shorter than wrong ones, which LEAD's target length then ratchets down.
+
+Running totals stay in 0..19 (no negatives, at most two digits), so the vocabulary is tiny and
+a 1M-parameter model can learn the task on a CPU in minutes (calibrated: 85% greedy accuracy at
+one step, 45% at six, after 4 CPU-minutes of SFT).
+
+Prompt format: plain text `Q: {problem}\\nA: ` (`prompt_text`), no chat template. The trainer
+runs this task with data.use_chat_template=false and data.instruction="", so `PromptEncoder`
+sends the JSONL `problem` field verbatim; that field therefore holds the full prompt text. The
+SFT text of a row is `problem + solution + EOS` (`sft_text`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+LEVELS = (1, 2, 3, 4, 5, 6)
+"""Difficulty = number of +/- operations."""
+MAX_TOTAL = 19
+DIGITS = range(1, 10)
+"""Operands; never 0, so that every step changes the total (dropping it changes the answer)."""
+DEFAULT_REDUNDANCY = 0.5
+HELDOUT_FRACTION = 0.25
+"""At most this share of a level's distinct problems is held out (level 1 has only 135)."""
+
+CHARACTERS = list("0123456789+-=?.,: \n\\{}") + list("ACQSabcdefhknorswx")
+"""Every character of prompts and solutions; id = position in this list."""
+PAD, EOS = SPECIALS = ("<|pad|>", "<|endoftext|>")
+PAD_ID, EOS_ID = len(CHARACTERS), len(CHARACTERS) + 1
+VOCAB_SIZE = len(CHARACTERS) + len(SPECIALS)
+
+
+def prompt_text(problem: str) -> str:
+    """The whole prompt the policy sees (and the JSONL `problem` field): `Q: 7+3=?\\nA: `."""
+    return f"Q: {problem}\nA: "
+
+
+def sft_text(row: dict) -> str:
+    """The SFT example of a JSONL row: prompt + worked solution + EOS."""
+    return row["problem"] + row["solution"] + EOS
+
+
+def make_problem(rng: random.Random, level: int) -> dict:
+    """A problem with `level` operations. Each op picks + or - with equal odds among those that
+    keep the total in 0..MAX_TOTAL, then a digit that does. Returns problem text, answer, level,
+    start, ops ([sign, digit] pairs) and the running totals."""
+    if level < 1:
+        raise ValueError(f"level={level} must be >= 1")
+    total = start = rng.randrange(10)
+    ops, totals = [], []
+    for _ in range(level):
+        signs = [s for s in "+-" if (total + 1 <= MAX_TOTAL if s == "+" else total - 1 >= 0)]
+        sign = rng.choice(signs)
+        digits = [d for d in DIGITS if 0 <= _apply(total, sign, d) <= MAX_TOTAL]
+        d = rng.choice(digits)
+        total = _apply(total, sign, d)
+        ops.append([sign, d])
+        totals.append(total)
+    text = str(start) + "".join(f"{s}{d}" for s, d in ops) + "=?"
+    return dict(problem=text, answer=str(total), level=level, start=start, ops=ops, totals=totals)
+
+
+def _apply(total: int, sign: str, d: int) -> int:
+    return total + d if sign == "+" else total - d
+
+
+def parse_problem(text: str) -> tuple[int, list[list]]:
+    """`7+3-5=?` -> (7, [["+", 3], ["-", 5]]); no eval()."""
+    body = text[:-2] if text.endswith("=?") else text
+    start, ops, i = int(body[0]), [], 1
+    while i < len(body):
+        ops.append([body[i], int(body[i + 1])])
+        i += 2
+    return start, ops
+
+
+def solution_parts(problem, rng: random.Random, redundancy: float = DEFAULT_REDUNDANCY
+                   ) -> list[tuple[str, str]]:
+    """The worked solution as (kind, line) pairs, kind in step / check / restate / answer.
+
+    `problem`: a `make_problem` dict or its text. After each step a re-check and then a
+    restatement are added, each with probability `redundancy` (two rng draws per step, always
+    made, so the rng advances the same way whatever `redundancy` is)."""
+    if not 0.0 <= redundancy <= 1.0:
+        raise ValueError(f"redundancy={redundancy} must be in [0, 1]")
+    text = problem["problem"] if isinstance(problem, dict) else problem
+    total, ops = parse_problem(text)
+    parts = []
+    for sign, d in ops:
+        new = _apply(total, sign, d)
+        parts.append(("step", f"{total}{sign}{d}={new}."))
+        inv = "-" if sign == "+" else "+"
+        check, restate = rng.random() < redundancy, rng.random() < redundancy
+        if check:
+            parts.append(("check", f"Check: {new}{inv}{d}={total}, {total}{sign}{d}={new}."))
+        if restate:
+            parts.append(("restate", f"So far {new}."))
+        total = new
+    parts.append(("answer", f"Answer: \\boxed{{{total}}}"))
+    return parts
+
+
+def worked_solution(problem, rng: random.Random, redundancy: float = DEFAULT_REDUNDANCY) -> str:
+    """The worked solution text: one line per part, the last one `Answer: \\boxed{N}` with no
+    newline after it (EOS follows in SFT)."""
+    return "\n".join(line for _, line in solution_parts(problem, rng, redundancy))
+
+
+def count_problems(level: int) -> int:
+    """How many distinct problems `make_problem` can produce at `level` (paths of totals)."""
+    ways = [1 if t < 10 else 0 for t in range(MAX_TOTAL + 1)]
+    for _ in range(level):
+        nxt = [0] * (MAX_TOTAL + 1)
+        for t, n in enumerate(ways):
+            for s in "+-":
+                for d in DIGITS:
+                    if 0 <= _apply(t, s, d) <= MAX_TOTAL:
+                        nxt[_apply(t, s, d)] += n
+        ways = nxt
+    return sum(ways)
+
+
+def _row(rid: str, p: dict, rng: random.Random, redundancy: float) -> dict:
+    return {"id": rid, "problem": prompt_text(p["problem"]), "answer": p["answer"],
+            "level": p["level"], "solution": worked_solution(p, rng, redundancy)}
+
+
+def make_splits(train_per_level: int = 2000, heldout_per_level: int = 100, seed: int = 1234,
+                redundancy: float = DEFAULT_REDUNDANCY, levels=LEVELS,
+                heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows), deterministic for a seed.
+
+    Held-out: per level, distinct problems, at most `heldout_fraction` of the level's problem
+    space (level 1 has 135, so it holds 33), drawn from its own rng stream: it does not depend
+    on `train_per_level`. Train: per level, problems not in the held-out split, repeats allowed
+    (low levels have few distinct problems), each with its own redundancy draws."""
+    train, heldout = [], []
+    for level in levels:
+        rng = random.Random(f"arith/heldout/{seed}/{level}")  # str seeds are stable across runs
+        n = min(heldout_per_level, int(count_problems(level) * heldout_fraction))
+        seen: set[str] = set()
+        while len(seen) < n:
+            p = make_problem(rng, level)
+            if p["problem"] not in seen:
+                seen.add(p["problem"])
+                heldout.append(_row(f"heldout-{level}-{len(seen) - 1:04d}", p, rng, redundancy))
+        rng = random.Random(f"arith/train/{seed}/{level}")
+        count = 0
+        while count < train_per_level:
+            p = make_problem(rng, level)
+            if p["problem"] not in seen:
+                train.append(_row(f"train-{level}-{count:05d}", p, rng, redundancy))
+                count += 1
+    return train, heldout
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write_splits(out_dir, train_per_level: int = 2000, heldout_per_level: int = 100,
+                 seed: int = 1234, redundancy: float = DEFAULT_REDUNDANCY, **kw) -> dict:
+    """Write train.jsonl and heldout.jsonl (lines {"id", "problem", "answer", "level",
+    "solution"}) into `out_dir`; returns {"train": path, "heldout": path}. With the defaults the
+    held-out file equals the committed examples/arith/heldout.jsonl byte for byte."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, heldout = make_splits(train_per_level, heldout_per_level, seed, redundancy, **kw)
+    return {"train": _write_jsonl(out / "train.jsonl", train),
+            "heldout": _write_jsonl(out / "heldout.jsonl", heldout)}
+
+
+def save_task_tokenizer(path) -> str:
+    """The task's character tokenizer (CHARACTERS, then <|pad|>, then <|endoftext|> = eos = the
+    last id), no chat template; returns `str(path)`."""
+    from .char_tokenizer import save_char_tokenizer
+
+    return save_char_tokenizer(path, CHARACTERS, SPECIALS, None, eos_token=EOS, pad_token=PAD)
+
+
+def qwen2_config(vocab_size: int = VOCAB_SIZE) -> dict:
+    """HF config of the warm-start model: a Qwen2 of 990,592 parameters at the 42-token
+    vocabulary (4 layers, width 128, MLP 512, tied embeddings; head_dim 32 because vLLM's CPU
+    attention kernels need head_dim >= 32). `vocab_size` may be
+    padded above the tokenizer's. No BOS token: bos_token_id = eos (as Qwen base models)."""
+    if vocab_size < VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is below the tokenizer's {VOCAB_SIZE}")
+    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=vocab_size,
+                hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_act="silu",
+                max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
+                tie_word_embeddings=True, use_sliding_window=False, attention_dropout=0.0,
+                initializer_range=0.02, use_cache=True, bos_token_id=EOS_ID,
+                eos_token_id=EOS_ID, pad_token_id=PAD_ID, torch_dtype="float32")
+
+
+def length_stats(rows: list[dict]) -> dict:
+    """Per level: mean solution length in characters (= tokens) and the redundant share of it."""
+    by_level: dict[int, list] = {}
+    for r in rows:
+        redundant = sum(len(line) + 1 for line in r["solution"].split("\n")
+                        if line.startswith(("Check:", "So far")))
+        by_level.setdefault(r["level"], []).append((len(r["solution"]), redundant))
+    return {lv: {"mean_chars": sum(a for a, _ in v) / len(v),
+                 "redundant_fraction": sum(b for _, b in v) / max(1, sum(a for a, _ in v))}
+            for lv, v in sorted(by_level.items())}
+
+
+if __name__ == "__main__":  # python -m megatron_lead.data.arith OUT_DIR: splits + length stats
+    import sys
+
+    paths = write_splits(sys.argv[1] if len(sys.argv) > 1 else "runs/arith")
+    rows = [json.loads(x) for x in Path(paths["train"]).read_text().splitlines()]
+    print(json.dumps(paths), json.dumps(length_stats(rows), indent=1), sep="\n")
