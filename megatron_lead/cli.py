@@ -15,6 +15,7 @@ import os
 import sys
 
 COMMANDS = {
+    "demo": "megatron_lead.demo",
     "train": "megatron_lead.trainer.cli",
     "sft": "megatron_lead.trainer.sft",
     "replay": "megatron_lead.replay",

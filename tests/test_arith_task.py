@@ -8,6 +8,7 @@ levels are longer, and the held-out split is fixed (the committed file is reprod
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -56,12 +57,12 @@ def test_fixed_rng_gives_hand_checked_problems():
 
 
 def test_hand_written_solution_with_every_redundant_piece():
-    want = ("7+3=10.\nCheck: 10-3=7, 7+3=10.\nSo far 10.\n"
-            "10-5=5.\nCheck: 5+5=10, 10-5=5.\nSo far 5.\n"
+    want = ("7+3=10, now 10-5+2.\nCheck: 10-3=7, 7+3=10.\nSo far 10-5+2.\n"
+            "10-5=5, now 5+2.\nCheck: 5+5=10, 10-5=5.\nSo far 5+2.\n"
             "5+2=7.\nCheck: 7-2=5, 5+2=7.\nSo far 7.\n"
             "Answer: \\boxed{7}")
     assert worked_solution("7+3-5+2=?", random.Random(0), 1.0) == want
-    bare = "7+3=10.\n10-5=5.\n5+2=7.\nAnswer: \\boxed{7}"
+    bare = "7+3=10, now 10-5+2.\n10-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}"
     assert worked_solution("7+3-5+2=?", random.Random(0), 0.0) == bare
     assert prompt_text("7+3-5+2=?") == "Q: 7+3-5+2=?\nA: "
 
@@ -79,23 +80,28 @@ def test_answers_totals_and_every_equation_are_right(level):
         assert boxed(sol) == p["answer"]
 
 
-def test_each_step_starts_from_the_last_stated_total():
-    """The copy rule that makes a slip in a redundant piece reach the answer."""
+def test_each_step_starts_from_the_last_stated_chain():
+    """The copy rule that makes a slip in a redundant piece reach the answer: every step takes
+    the first operation of the most recently stated chain and states what is left."""
     rng = random.Random(5)
     for level in LEVELS:
         for _ in range(100):
             p = make_problem(rng, level)
-            last, steps = p["start"], 0
+            stated, steps = p["problem"][:-2], 0  # the chain as last written: "7+3-5+2"
             for kind, line in solution_parts(p, rng, 0.5):
-                numbers = [int(x) for x in re.findall(r"\d+", line)]
                 if kind == "step":
-                    assert numbers[0] == last
-                    assert [line[len(str(last))], numbers[1]] == p["ops"][steps]
-                    steps += 1
-                elif kind == "answer":
-                    assert numbers == [last]
-                assert kind == "answer" or numbers[-1] == p["totals"][steps - 1]
-                last = numbers[-1]
+                    m = re.fullmatch(r"(\d+)([+-])(\d)=(\d+)(?:, now ([\d+-]+))?\.", line)
+                    a, sign, d, c, rest = m.groups()
+                    assert stated.startswith(f"{a}{sign}{d}") and not stated[len(a + sign + d):][:1].isdigit()
+                    assert [sign, int(d)] == p["ops"][steps] and int(c) == p["totals"][steps]
+                    assert (rest or c) == c + stated[len(a + sign + d):]
+                    stated, steps = rest or c, steps + 1
+                elif kind == "check":
+                    assert line.endswith(f"={p['totals'][steps - 1]}.")
+                elif kind == "restate":
+                    assert line == f"So far {stated}."
+                else:
+                    assert line == f"Answer: \\boxed{{{stated}}}" and stated == p["answer"]
             assert steps == level
 
 
@@ -174,7 +180,9 @@ def test_tokenizer_one_token_per_character_round_trips_every_solution(task_token
     path, tok = task_tokenizer
     assert len(tok) == VOCAB_SIZE == len(CHARACTERS) + 2
     assert tok.pad_token_id == VOCAB_SIZE - 2 and tok.eos_token_id == VOCAB_SIZE - 1
-    assert tok.convert_ids_to_tokens(list(range(VOCAB_SIZE))) == CHARACTERS + list(SPECIALS)
+    # Stored in the byte-level alphabet (space "Ġ", newline "Ċ"), decoded back to characters.
+    assert [tok.decode([i]) for i in range(len(CHARACTERS))] == CHARACTERS
+    assert tok.convert_ids_to_tokens(list(range(VOCAB_SIZE)))[len(CHARACTERS):] == list(SPECIALS)
     used = set()
     for r in splits[0][::7] + splits[1]:
         text = sft_text(r)
@@ -223,3 +231,26 @@ def test_qwen2_config_builds_the_warm_start_model():
     assert sum(p.numel() for p in model.parameters()) == v * h + 4 * per_layer + h  # tied head
     with pytest.raises(ValueError):
         qwen2_config(VOCAB_SIZE - 1)
+
+
+def test_tokenizer_inside_a_qwen2_model_folder_gives_the_same_ids(tmp_path):
+    """transformers 5 builds a Qwen2Tokenizer for any folder whose config.json says qwen2 (the
+    warm-started model's); the task tokenizer must encode exactly as it does on its own."""
+    import shutil
+
+    import transformers
+
+    from megatron_lead.data import arith
+
+    alone, model = tmp_path / "tok", tmp_path / "model"
+    arith.save_task_tokenizer(alone)
+    shutil.copytree(alone, model)
+    (model / "config.json").write_text(json.dumps(arith.qwen2_config()))
+    t1 = transformers.AutoTokenizer.from_pretrained(str(alone))
+    t2 = transformers.AutoTokenizer.from_pretrained(str(model))
+    assert type(t2).__name__ == "Qwen2Tokenizer"
+    text = "Q: 7+3-5=?\nA: 7+3=10, now 10-5.\nSo far 10-5.\n10-5=5.\nAnswer: \\boxed{5}"
+    ids = [arith.CHARACTERS.index(c) for c in text]
+    assert t1(text, add_special_tokens=False)["input_ids"] == ids
+    assert t2(text, add_special_tokens=False)["input_ids"] == ids
+    assert t2.decode(ids) == text and t2.eos_token_id == arith.EOS_ID

@@ -136,10 +136,10 @@ def test_single_rank_run_trains_and_logs(runs):
     assert summary["steps_done"] == STEPS and summary["data"]["loaded"] == 10
     assert summary == runs["A"]
     # Validation: before the run (logged with step 0), after step 2, and at the end.
-    assert m[0]["val_before/count"] == 4 and m[1]["val/count"] == 4 and summary["after"]["val/count"] == 4
+    assert m[0]["val_before/count"] == 4 and m[1]["val/count"] == 4 and summary["after"]["count"] == 4
     assert "val/count" not in m[0] and "val/count" not in m[2]
     for x in (summary["before"], summary["after"]):
-        assert 0 < x["val/length_mean"] <= 12 and x["val/accuracy"] == 0.0
+        assert 0 < x["mean_length"] <= 12 and x["accuracy"] == 0.0
     # The exported weights differ from the start: the updates reached the policy.
     from safetensors.torch import load_file
 

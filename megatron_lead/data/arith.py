@@ -5,17 +5,20 @@ text it does (LEAD_SPEC section 11). Shortening shows up only when redundant tex
 risk of error, and LEAD's edge over a blunt length penalty shows up only when some text is
 required, more of it for harder problems. So a worked solution has both kinds:
 
-* Required steps, one per operation: `7+3=10.` then `10-5=5.` then `5+2=7.`, then
+* Required steps, one per operation, each evaluating the first operation and rewriting what is
+  left: `7+3=10, now 10-5+2.` then `10-5=5, now 5+2.` then `5+2=7.`, then
   `Answer: \\boxed{7}`. Each step starts from the previous result and no operand is 0, so
-  dropping a step always changes the result: a level-L problem needs L steps.
+  dropping a step always changes the result: a level-L problem needs L steps. Rewriting the rest
+  of the chain makes every step a local computation plus a copy from the line above, which a
+  1M-parameter model learns in minutes (finding the k-th operand in the question does not).
 * Redundant pieces, inserted after a step (each with probability `redundancy`, so 0-2 per step,
   always in this order): a re-check that undoes the step and redoes it,
-  `Check: 10-3=7, 7+3=10.`, and a restatement, `So far 10.` Both are correct in the data and
-  safe to drop. Both end by stating the running total, and the next required step (or the
-  answer) always starts from the most recently stated total. A model that slips inside a
-  redundant piece (a mis-copied total, a wrong re-computation) therefore carries the slip into
-  the answer, while a model that skips the pieces loses nothing. That is the error risk that
-  makes correct rollouts shorter than wrong ones, which LEAD's target length then ratchets down.
+  `Check: 10-3=7, 7+3=10.`, and a restatement of what is left, `So far 10-5+2.` Both are
+  correct in the data and safe to drop. The next required step copies from the most recent
+  statement of the chain, so a model that slips inside a redundant piece (a mis-copied operand,
+  a wrong re-computation) carries the slip into the answer, while a model that skips the pieces
+  loses nothing. That is the error risk that makes correct rollouts shorter than wrong ones,
+  which LEAD's target length then ratchets down.
 
 Running totals stay in 0..19 (no negatives, at most two digits), so the vocabulary is tiny and
 a 1M-parameter model can learn the task on a CPU in minutes (calibrated: 85% greedy accuracy at
@@ -105,15 +108,16 @@ def solution_parts(problem, rng: random.Random, redundancy: float = DEFAULT_REDU
     text = problem["problem"] if isinstance(problem, dict) else problem
     total, ops = parse_problem(text)
     parts = []
-    for sign, d in ops:
+    for i, (sign, d) in enumerate(ops):
         new = _apply(total, sign, d)
-        parts.append(("step", f"{total}{sign}{d}={new}."))
+        rest = "".join(f"{s}{x}" for s, x in ops[i + 1:])
+        parts.append(("step", f"{total}{sign}{d}={new}" + (f", now {new}{rest}." if rest else ".")))
         inv = "-" if sign == "+" else "+"
         check, restate = rng.random() < redundancy, rng.random() < redundancy
         if check:
             parts.append(("check", f"Check: {new}{inv}{d}={total}, {total}{sign}{d}={new}."))
         if restate:
-            parts.append(("restate", f"So far {new}."))
+            parts.append(("restate", f"So far {new}{rest}."))
         total = new
     parts.append(("answer", f"Answer: \\boxed{{{total}}}"))
     return parts
@@ -195,7 +199,7 @@ def save_task_tokenizer(path) -> str:
     last id), no chat template; returns `str(path)`."""
     from .char_tokenizer import save_char_tokenizer
 
-    return save_char_tokenizer(path, CHARACTERS, SPECIALS, None, eos_token=EOS, pad_token=PAD)
+    return save_char_tokenizer(path, CHARACTERS, SPECIALS, None, eos_token=EOS, pad_token=PAD, byte_level=True)
 
 
 def qwen2_config(vocab_size: int = VOCAB_SIZE) -> dict:

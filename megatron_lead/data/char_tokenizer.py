@@ -11,6 +11,13 @@ on decode (the default decoder would join tokens with spaces). Ids are the posit
 `characters + specials`, so every id in [0, vocab) decodes. No post-processor: encoding plain
 text adds no BOS/EOS (the trainer's `PromptEncoder` relies on that for chat-template-free
 prompts).
+
+`byte_level=True` (ASCII characters only) stores the vocabulary in GPT-2's byte-level alphabet
+(space as "Ġ", newline as "Ċ") with Qwen2's pre-tokenizer, normaliser and decoder. A model folder
+whose config.json says `model_type: qwen2` makes transformers 5's AutoTokenizer build a
+`Qwen2Tokenizer` from the vocabulary, whatever tokenizer_config.json says; that class applies
+exactly those steps, so both ways of loading the folder give the same ids (a plain character
+vocabulary loses every space and newline there).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ def save_char_tokenizer(path, characters: Sequence[str],
                         specials: Sequence[str] = ("<|pad|>", "<|endoftext|>"),
                         chat_template: str | None = None, *, eos_token: str | None = None,
                         pad_token: str | None = None, bos_token: str | None = None,
-                        unk_token: str | None = None, model_max_length: int = 4096) -> str:
+                        unk_token: str | None = None, model_max_length: int = 4096,
+                        byte_level: bool = False) -> str:
     """Write a character tokenizer into folder `path` and return `str(path)`.
 
     characters: the ordinary tokens, id = position; each must be exactly one character.
@@ -66,9 +74,20 @@ def save_char_tokenizer(path, characters: Sequence[str],
             raise ValueError(f"{role}={tok!r} is not one of the specials {specials}")
     extra = [s for s in specials if s not in roles.values()]
 
-    vocab = {ch: i for i, ch in enumerate(characters + specials)}
+    if byte_level:
+        non_ascii = [c for c in characters if ord(c) > 127]
+        if non_ascii:
+            raise ValueError(f"byte_level needs ASCII characters, got {non_ascii[:5]!r}")
+        symbol = _byte_symbols()
+        vocab = {symbol[ord(ch)]: i for i, ch in enumerate(characters)}
+        vocab.update({s: len(characters) + i for i, s in enumerate(specials)})
+    else:
+        vocab = {ch: i for i, ch in enumerate(characters + specials)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=roles["unk_token"]))
-    tok.decoder = decoders.Fuse()
+    if byte_level:
+        _qwen2_pipeline(tok)
+    else:
+        tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     set_roles = {k: v for k, v in roles.items() if v is not None}
     fast = PreTrainedTokenizerFast(
@@ -86,3 +105,28 @@ def save_char_tokenizer(path, characters: Sequence[str],
         special_map["additional_special_tokens"] = extra
     (Path(path) / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
     return str(path)
+
+
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte -> printable-character table (what ByteLevel pre-tokenizers emit)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _qwen2_pipeline(tok) -> None:
+    """Qwen2's normaliser, pre-tokenizer and decoder (transformers' Qwen2Tokenizer)."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()

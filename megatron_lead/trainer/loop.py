@@ -209,14 +209,14 @@ def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def _validate(run: Run, prefix: str) -> dict[str, float]:
+def _validate(run: Run) -> dict:
     from megatron_lead.trainer.validation import validate
 
     if not run.val:
         return {}
     return validate(run.model, run.engine, run.weight_sync, run.grader, run.encoder.decode, run.val["prompts"],
                     run.val["answers"], run.val["levels"], run.cfg.rollout.max_response_len,
-                    run.cfg.rollout.tensor_parallel_size, prefix)
+                    run.cfg.rollout.tensor_parallel_size)
 
 
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict:
@@ -224,6 +224,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     from megatron_lead.policy.convert.gather import save_hf_checkpoint
     from megatron_lead.trainer.checkpoint import save_checkpoint
     from megatron_lead.trainer.metrics import MetricsLogger
+    from megatron_lead.trainer.validation import flatten
 
     started = time.perf_counter()
     run = build_run(cfg, resume=resume)
@@ -233,17 +234,17 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     summary = {"data": run.data_stats, "start_step": run.start_step}
     try:
         if run.start_step == 0 and cfg.validation.every > 0:
-            summary["before"] = _validate(run, "val")  # logged with step 0's metrics
+            summary["before"] = _validate(run)  # logged with step 0's metrics
         last = cfg.ppo.steps
         stop = last if max_steps is None else min(last, run.start_step + max_steps)
         metrics: dict = {}
         for step in range(run.start_step, stop):
             metrics = train_step(run, step)
             if step == 0:
-                metrics.update({f"{k.replace('val/', 'val_before/')}": v for k, v in summary.get("before", {}).items()})
+                metrics.update(flatten(summary.get("before", {}), "val_before"))
             done = step + 1
             if done < last and _due(done, cfg.validation.every, last):
-                metrics.update(_validate(run, "val"))
+                metrics.update(flatten(_validate(run), "val"))
             logger.log(step, metrics)
             if _due(done, cfg.checkpoint.every, last) or done == stop:
                 save_checkpoint(os.path.join(cfg.run_dir, CHECKPOINTS_DIR), done, run.model, run.optimizer,
@@ -256,7 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         summary["last"] = metrics
         summary["steps_done"] = stop
         if stop == last:
-            summary["after"] = _validate(run, "val")
+            summary["after"] = _validate(run)
             save_hf_checkpoint(run.model, os.path.join(cfg.run_dir, "hf"), hf_source_dir=cfg.model.path)
         summary["wall_seconds"] = time.perf_counter() - started
         if rank0:

@@ -15,9 +15,8 @@ from megatron_lead.trainer.grading import grade_rollouts
 
 
 def validate(model: list, engine, weight_sync, grader, decode, prompts: list[list[int]],
-             answers: list[str], levels: list[str | None], max_response_len: int, vllm_tp: int,
-             prefix: str = "val") -> dict[str, float]:
-    """Collective: {prefix/accuracy, prefix/length_mean, prefix/truncated_frac, and per level}."""
+             answers: list[str], levels: list[str | None], max_response_len: int, vllm_tp: int) -> dict:
+    """Collective: {accuracy, mean_length, truncated_frac, count, levels: {level: the same}}."""
     if not prompts:
         return {}
     engine.wake_up()
@@ -27,18 +26,31 @@ def validate(model: list, engine, weight_sync, grader, decode, prompts: list[lis
     engine.sleep()
     scores, _ = grade_rollouts(grader, decode, rollouts, answers)
     lengths = [len(r.response_ids) for r in rollouts]
-    out = summarise(scores, lengths, [r.truncated for r in rollouts], prefix)
+    out = summarise(scores, lengths, [r.truncated for r in rollouts])
     by_level: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rollouts):
         if levels[r.prompt_index] is not None:
             by_level[str(levels[r.prompt_index])].append(i)
-    for level, idx in sorted(by_level.items()):
-        out.update(summarise([scores[i] for i in idx], [lengths[i] for i in idx],
-                             [rollouts[i].truncated for i in idx], f"{prefix}/level_{level}"))
+    if by_level:
+        out["levels"] = {level: summarise([scores[i] for i in idx], [lengths[i] for i in idx],
+                                          [rollouts[i].truncated for i in idx])
+                         for level, idx in sorted(by_level.items(), key=lambda kv: _level_key(kv[0]))}
     return out
 
 
-def summarise(scores: list[float], lengths: list[int], truncated: list[bool], prefix: str) -> dict[str, float]:
+def _level_key(level: str):
+    return (0, float(level), "") if level.replace(".", "", 1).isdigit() else (1, 0.0, level)
+
+
+def summarise(scores: list[float], lengths: list[int], truncated: list[bool]) -> dict[str, float]:
     n = max(len(scores), 1)
-    return {f"{prefix}/accuracy": sum(scores) / n, f"{prefix}/length_mean": sum(lengths) / n,
-            f"{prefix}/truncated_frac": sum(truncated) / n, f"{prefix}/count": float(len(scores))}
+    return {"accuracy": sum(scores) / n, "mean_length": sum(lengths) / n,
+            "truncated_frac": sum(truncated) / n, "count": len(scores)}
+
+
+def flatten(result: dict, prefix: str) -> dict[str, float]:
+    """The nested result as metric names: prefix/accuracy, prefix/level_3/mean_length, ..."""
+    out = {f"{prefix}/{k}": float(v) for k, v in result.items() if k != "levels"}
+    for level, block in result.get("levels", {}).items():
+        out.update({f"{prefix}/level_{level}/{k}": float(v) for k, v in block.items()})
+    return out

@@ -1,0 +1,1 @@
+"""Reading runs back: before/after tables and plots (report.py)."""
