@@ -19,6 +19,8 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
+from megatron_lead.jsonl import fail, iter_objects
+
 HELP = "replay LEAD's advantage computation on logged rollout lengths/correctness (JSONL)"
 
 
@@ -58,57 +60,44 @@ def lead_config_from_args(args):
 
 # ------------------------------------------------------------------------------- input
 
-def _fail(path, line_no, what) -> None:
-    raise ValueError(f"{path} line {line_no}: {what}")
-
-
 def read_steps(path: Path) -> list[dict]:
     """Parse and validate the whole log up front: a bad line is reported before any work."""
     steps, last_step = [], None
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})")
-            if not isinstance(obj, dict):
-                _fail(path, line_no, "expected a JSON object")
-            step = obj.get("step")
-            if not isinstance(step, int) or isinstance(step, bool):
-                _fail(path, line_no, "field 'step' is missing or not an integer")
-            if last_step is not None and step <= last_step:
-                _fail(path, line_no, f"field 'step' ({step}) does not follow the previous step ({last_step})")
-            prompts = obj.get("prompts")
-            if not isinstance(prompts, list) or not prompts:
-                _fail(path, line_no, "field 'prompts' is missing or empty")
-            seen = set()
-            for i, p in enumerate(prompts):
-                where = f"prompts[{i}]"
-                if not isinstance(p, dict):
-                    _fail(path, line_no, f"{where} is not an object")
-                pid = p.get("id")
-                if not isinstance(pid, str) or not pid:
-                    _fail(path, line_no, f"{where}.id is missing or not a string")
-                if pid in seen:
-                    _fail(path, line_no, f"{where}.id {pid!r} appears twice in this step")
-                seen.add(pid)
-                lengths, correct = p.get("lengths"), p.get("correct")
-                if not isinstance(lengths, list) or not lengths:
-                    _fail(path, line_no, f"{where}.lengths is missing or empty")
-                if not isinstance(correct, list):
-                    _fail(path, line_no, f"{where}.correct is missing")
-                if len(lengths) != len(correct):
-                    _fail(path, line_no, f"{where}: lengths has {len(lengths)} entries but correct has {len(correct)}")
-                for j, n in enumerate(lengths):
-                    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                        _fail(path, line_no, f"{where}.lengths[{j}] = {n!r} is not a non-negative integer")
-                for j, c in enumerate(correct):
-                    if c not in (0, 1):
-                        _fail(path, line_no, f"{where}.correct[{j}] = {c!r} is not 0 or 1")
-            steps.append(obj)
-            last_step = step
+    for line_no, obj in iter_objects(path):
+        step = obj.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            fail(path, line_no, "field 'step' is missing or not an integer")
+        if last_step is not None and step <= last_step:
+            fail(path, line_no, f"field 'step' ({step}) does not follow the previous step ({last_step})")
+        prompts = obj.get("prompts")
+        if not isinstance(prompts, list) or not prompts:
+            fail(path, line_no, "field 'prompts' is missing or empty")
+        seen = set()
+        for i, p in enumerate(prompts):
+            where = f"prompts[{i}]"
+            if not isinstance(p, dict):
+                fail(path, line_no, f"{where} is not an object")
+            pid = p.get("id")
+            if not isinstance(pid, str) or not pid:
+                fail(path, line_no, f"{where}.id is missing or not a string")
+            if pid in seen:
+                fail(path, line_no, f"{where}.id {pid!r} appears twice in this step")
+            seen.add(pid)
+            lengths, correct = p.get("lengths"), p.get("correct")
+            if not isinstance(lengths, list) or not lengths:
+                fail(path, line_no, f"{where}.lengths is missing or empty")
+            if not isinstance(correct, list):
+                fail(path, line_no, f"{where}.correct is missing")
+            if len(lengths) != len(correct):
+                fail(path, line_no, f"{where}: lengths has {len(lengths)} entries but correct has {len(correct)}")
+            for j, n in enumerate(lengths):
+                if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                    fail(path, line_no, f"{where}.lengths[{j}] = {n!r} is not a non-negative integer")
+            for j, c in enumerate(correct):
+                if c not in (0, 1):
+                    fail(path, line_no, f"{where}.correct[{j}] = {c!r} is not 0 or 1")
+        steps.append(obj)
+        last_step = step
     if not steps:
         raise ValueError(f"{path}: no steps found")
     return steps

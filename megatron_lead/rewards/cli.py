@@ -18,6 +18,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from megatron_lead.jsonl import fail, iter_objects
+
 HELP = "grade responses against gold answers (last \\boxed{} with math-verify), JSONL in and out"
 
 
@@ -28,27 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="grader worker processes (default 2)")
 
 
-def _fail(path, line_no, what) -> None:
-    raise ValueError(f"{path} line {line_no}: {what}")
-
-
 def read_records(path: Path) -> list[dict]:
     """Parse and validate the whole file up front; blank lines are skipped."""
     records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})")
-            if not isinstance(obj, dict):
-                _fail(path, line_no, "expected a JSON object")
-            for key in ("response", "answer"):
-                if not isinstance(obj.get(key), str):
-                    _fail(path, line_no, f"field '{key}' is missing or not a string")
-            records.append(obj)
+    for line_no, obj in iter_objects(path):
+        for key in ("response", "answer"):
+            if not isinstance(obj.get(key), str):
+                fail(path, line_no, f"field '{key}' is missing or not a string")
+        records.append(obj)
     if not records:
         raise ValueError(f"{path}: no records found")
     return records
