@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -92,23 +94,31 @@ def test_sft_learns_exports_and_caches(task, capsys):
     assert "already holds this run" in capsys.readouterr().out
 
 
+def _megatron_lead(*argv) -> subprocess.CompletedProcess:
+    """The console command in its own process, as a user runs it (the trainer's process group,
+    Megatron's state and vLLM stay out of the test process)."""
+    return subprocess.run([sys.executable, "-m", "megatron_lead.cli", *argv], capture_output=True, text=True,
+                          timeout=1200)
+
+
 @pytest.mark.slow
-def test_demo_end_to_end_at_toy_size(tmp_path, capsys):
+def test_demo_end_to_end_at_toy_size(tmp_path):
     out, warm = tmp_path / "run", tmp_path / "warm"
     argv = ["demo", "--out", str(out), "--warmstart", str(warm), "--sft-steps", "3",
             "data.prompts_per_step=4", "rollout.n=2", "ppo.steps=2", "ppo.mini_batch_prompts=4",
             "ppo.micro_batch_size=8", "rollout.max_response_len=48", "lead.l_min=8",
             "validation.max_prompts=12", "grading.workers=1", "logging.progress=false"]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
+    done = _megatron_lead(*argv)
+    assert done.returncode == 0, done.stderr[-3000:]
     summary = json.load(open(out / "summary.json"))
     for block in ("before", "after"):
         assert set(summary[block]) >= {"accuracy", "mean_length", "levels"}
         assert summary[block]["count"] == 12
-    assert "held-out split" in printed and "len change" in printed
+    assert "held-out split" in done.stdout and "len change" in done.stdout
     assert open(out / "report.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(out / "hf" / "config.json") and os.path.isfile(out / "metrics.jsonl")
     assert any(f.startswith("events.out") for f in os.listdir(out / "tensorboard"))
     # A second run reuses the warm start.
-    assert cli.main(argv) == 0
-    assert "warm start: cached" in capsys.readouterr().out
+    again = _megatron_lead(*argv)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "warm start: cached" in again.stdout

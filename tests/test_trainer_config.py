@@ -77,7 +77,9 @@ def test_bad_keys_and_values(paths, override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_cli_print_config_and_errors(paths, capsys):
+def test_cli_print_config_and_errors(paths, capsys, monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # set by in-process tests before this one
+        monkeypatch.delenv(var, raising=False)
     assert cli.main(["train", "--print-config"] + _args(paths, **{"rollout.n": 4})) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["rollout"]["n"] == 4 and printed["lead"]["method"] == "lead"

@@ -153,8 +153,8 @@ def _rollout_metrics(batch, scores, reasons, result, dp_group) -> dict[str, floa
     correct = [n for n, s in zip(lengths, scores) if s > 0.5]
     out.update(length_stats("response/length_correct", correct))
     adv, eff = result.advantages, result.eff_reward
-    n, s1, s2, amax, e1 = reduce_scalars([float(adv.numel()), float(adv.sum()), float((adv * adv).sum()),
-                                          0.0, float(eff.sum())], [dp_group])
+    n, s1, s2, e1 = reduce_scalars([float(adv.numel()), float(adv.sum()), float((adv * adv).sum()),
+                                    float(eff.sum())], [dp_group])
     (amax,) = reduce_scalars([float(adv.abs().max()) if adv.numel() else 0.0], [dp_group], dist.ReduceOp.MAX)
     out.update({"adv/mean": s1 / n, "adv/std": max(s2 / n - (s1 / n) ** 2, 0.0) ** 0.5, "adv/abs_max": amax,
                 "reward/eff_mean": e1 / n,

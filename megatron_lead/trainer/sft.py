@@ -118,13 +118,11 @@ def _skeleton(cfg: SFTConfig, folder: str) -> None:
     from megatron_lead.policy.convert import hf_io
 
     os.makedirs(folder, exist_ok=True)
+    hf_io.copy_hf_side_files(cfg.init_from or cfg.tokenizer, folder)
     if cfg.init_from:
-        hf_io.copy_hf_side_files(cfg.init_from, folder)
-    else:
-        shutil.copy(cfg.model_config, os.path.join(folder, "config.json"))
-    hf_io.copy_hf_side_files(cfg.tokenizer, folder)
-    if not cfg.init_from:  # the tokenizer folder may carry no config; keep the model's
-        shutil.copy(cfg.model_config, os.path.join(folder, "config.json"))
+        hf_io.copy_hf_side_files(cfg.tokenizer, folder)
+    # The model's config wins over any config.json a tokenizer folder carries.
+    shutil.copy(cfg.model_config or os.path.join(cfg.init_from, "config.json"), os.path.join(folder, "config.json"))
 
 
 def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
