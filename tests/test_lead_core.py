@@ -106,8 +106,8 @@ def test_grpo_is_group_normalised_correctness_unwhitened_as_the_release():
     res = AdvantageComputer(LeadConfig.for_method("grpo", whiten=True))(shard_of(GRPO_BATCH))
     assert res.advantages.tolist() == pytest.approx(grpo_whitened_by_hand(), abs=1e-9)
     assert res.unwhitened.tolist() == pytest.approx(GRPO_BY_HAND, abs=1e-12)
-    # Every other preset keeps whitening on.
-    assert all(LeadConfig.for_method(m).whiten for m in METHODS if m != "grpo")
+    # Every other preset keeps whitening on (but DRPO-style: whitening would break its sign rule).
+    assert all(LeadConfig.for_method(m).whiten for m in METHODS if m not in ("grpo", "drpo"))
 
 
 def test_group_of_one_uses_mean0_std1():

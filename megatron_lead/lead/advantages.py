@@ -9,6 +9,17 @@ The whole method in one place (LEAD_SPEC.md sections 1-6):
   5. combination + whitening    A = w_corr A_corr + w_eff A_eff, whitened over response tokens
   6. weights                    PSI controller (controller.py) from the raw reward moments
 
+DRPO-style decoupling (normalisation "drpo"; a baseline, not DRPO's full objective). With binary
+scores, for prompt q with correct rollouts K_q (k_q of them) and S_q = sum_{j in K_q} exp(r_eff_j / tau):
+
+  A_i = w_corr A_corr_i                                     wrong i
+  A_i = w_corr A_corr_i + w_eff k_q exp(r_eff_i / tau) / S_q  correct i
+
+A_corr is GRPO's group-normalised correctness (>= 0 for a correct rollout), and the length bonus
+is a softmax over the correct rollouts only (mean 1 over them, always > 0): the length signal is
+normalised within the correct rollouts, so a correct rollout never gets a negative advantage, and
+wrong rollouts get no length signal at all. S_q is one more per-prompt sum (column "x").
+
 Data parallelism. Each rank holds any subset of the batch's rollouts; a rollout carries its
 prompt's global index. Everything is derived from per-prompt *sums*, so two all-reduces make
 all ranks agree exactly (up to float64 rounding) with a single process holding the whole
@@ -137,12 +148,14 @@ def efficiency_reward(length: torch.Tensor, target: torch.Tensor, kind: str) -> 
 
 # --------------------------------------------------------- per-prompt moments (one reduce)
 
-# Columns of the per-prompt moment table: c = r_corr, e = r_eff, w = tokens, k = correct.
-_COLS = ("n", "c", "cc", "e", "ee", "ce", "w", "wc", "we", "wcc", "wee", "wce", "k", "ke", "kee")
+# Columns of the per-prompt moment table: c = r_corr, e = r_eff, w = tokens, k = correct,
+# x = k exp(r_eff / drpo_tau) (the DRPO-style softmax numerators; zeros for other methods).
+_COLS = ("n", "c", "cc", "e", "ee", "ce", "w", "wc", "we", "wcc", "wee", "wce", "k", "ke", "kee",
+         "x", "wx", "wxx", "wcx")
 _C = {name: i for i, name in enumerate(_COLS)}
 
 
-def prompt_moments(idx, c, e, w, k, P: int, reducer: GroupReducer) -> torch.Tensor:
+def prompt_moments(idx, c, e, w, k, P: int, reducer: GroupReducer, x=None) -> torch.Tensor:
     """[P, len(_COLS)] per-prompt sums over the whole batch (one all-reduce)."""
     X = torch.empty(len(_COLS), idx.numel(), dtype=torch.float64)  # row per column, contiguous
     X[_C["n"]].fill_(1.0)
@@ -160,6 +173,13 @@ def prompt_moments(idx, c, e, w, k, P: int, reducer: GroupReducer) -> torch.Tens
     X[_C["k"]].copy_(k)
     torch.mul(X[_C["k"]], e, out=X[_C["ke"]])
     torch.mul(X[_C["ke"]], e, out=X[_C["kee"]])
+    if x is None:
+        X[_C["x"]:].zero_()
+    else:
+        X[_C["x"]].copy_(x)
+        torch.mul(w, x, out=X[_C["wx"]])
+        torch.mul(X[_C["wx"]], x, out=X[_C["wxx"]])
+        torch.mul(X[_C["wx"]], c, out=X[_C["wcx"]])
     sums = torch.zeros(len(_COLS), P, dtype=torch.float64).index_add_(1, idx, X)
     return reducer.sum(sums.t().contiguous())
 
@@ -214,8 +234,15 @@ def psi_statistics(M: torch.Tensor) -> tuple[float, float, float, float]:
 
 
 def affine_coefficients(M: torch.Tensor, w_corr: float, w_eff: float, cfg: LeadConfig):
-    """Per-prompt (a, b, d) with A = a + b*r_corr + d*r_eff, the combined group-normalised advantage."""
+    """Per-prompt (a, b, d) with A = a + b*r_corr + d*r_eff, the combined group-normalised advantage
+    (for "drpo": A = a + b*r_corr + d*x, x = k exp(r_eff / drpo_tau), see the module docstring)."""
     n, eps = M[:, _C["n"]], cfg.group_std_eps
+    if cfg.normalisation == "drpo":
+        m_c, v_c, const_c = _mean_var(M[:, _C["c"]], M[:, _C["cc"]], n, unbiased=True)
+        b = torch.where(const_c, 0.0, w_corr / (v_c.sqrt() + eps))
+        S = M[:, _C["x"]]
+        d = torch.where(S > 0, w_eff * M[:, _C["k"]] / S.clamp_min(1e-300), 0.0)
+        return -b * m_c, b, d
     if cfg.normalisation == "decoupled":
         m_c, v_c, const_c = _mean_var(M[:, _C["c"]], M[:, _C["cc"]], n, unbiased=True)
         m_e, v_e, const_e = _mean_var(M[:, _C["e"]], M[:, _C["ee"]], n, unbiased=True)
@@ -230,13 +257,15 @@ def affine_coefficients(M: torch.Tensor, w_corr: float, w_eff: float, cfg: LeadC
     return -m_r * inv, w_corr * inv, w_eff * inv
 
 
-def token_whitening_moments(M: torch.Tensor, a, b, d):
-    """(N tokens, mean, unbiased var) of the advantage over all response tokens, from sums."""
+def token_whitening_moments(M: torch.Tensor, a, b, d, third: str = "e"):
+    """(N tokens, mean, unbiased var) of the advantage over all response tokens, from sums.
+
+    third: the column d multiplies ("e" = r_eff; "x" for the DRPO-style bonus)."""
     S = lambda name: M[:, _C[name]]  # noqa: E731
     N = float(S("w").sum())
-    s1 = float((a * S("w") + b * S("wc") + d * S("we")).sum())
-    s2 = float((a * a * S("w") + b * b * S("wcc") + d * d * S("wee")
-                + 2 * a * b * S("wc") + 2 * a * d * S("we") + 2 * b * d * S("wce")).sum())
+    s1 = float((a * S("w") + b * S("wc") + d * S(f"w{third}")).sum())
+    s2 = float((a * a * S("w") + b * b * S("wcc") + d * d * S(f"w{third}{third}")
+                + 2 * a * b * S("wc") + 2 * a * d * S(f"w{third}") + 2 * b * d * S(f"wc{third}")).sum())
     if N <= 0:
         return N, 0.0, 0.0
     mean = s1 / N
@@ -263,7 +292,9 @@ class AdvantageComputer:
 
         targets = target_lengths(shard, correct, cfg, self.reducer)
         r_eff = efficiency_reward(L, targets.index_select(0, idx), cfg.reward)
-        M = prompt_moments(idx, r_corr, r_eff, L, correct, P, self.reducer)
+        drpo = cfg.normalisation == "drpo"
+        x = torch.where(correct, torch.exp(r_eff / cfg.drpo_tau), 0.0) if drpo else None
+        M = prompt_moments(idx, r_corr, r_eff, L, correct, P, self.reducer, x)
 
         mu_c, sigma_c, mu_e, sigma_e = psi_statistics(M)
         if cfg.weighting == "psi":
@@ -275,8 +306,8 @@ class AdvantageComputer:
 
         a, b, d = affine_coefficients(M, w_corr, w_eff, cfg)
         a_i, b_i, d_i = torch.stack([a, b, d]).index_select(1, idx)
-        raw = a_i + b_i * r_corr + d_i * r_eff
-        n_tok, w_mean, w_var = token_whitening_moments(M, a, b, d)
+        raw = a_i + b_i * r_corr + d_i * (x if drpo else r_eff)
+        n_tok, w_mean, w_var = token_whitening_moments(M, a, b, d, "x" if drpo else "e")
         adv = (raw - w_mean) / math.sqrt(w_var + cfg.whiten_eps) if cfg.whiten else raw
 
         metrics = self._metrics(M, targets, mu_c, sigma_c, mu_e, sigma_e, w_corr, w_eff, psi,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 
 TARGETS = ("mean_correct", "min_correct", "median_correct", "mean_all", "global")
 REWARDS = ("symmetric", "budget", "none")
-NORMALISATIONS = ("decoupled", "combined")
+NORMALISATIONS = ("decoupled", "combined", "drpo")
 WEIGHTINGS = ("psi", "static")
 
 # method -> the choices it stands for (spec section 10).
@@ -35,6 +35,13 @@ METHODS: dict[str, dict] = {
     "lead_global_target": dict(target="global", reward="symmetric", normalisation="decoupled", weighting="psi"),
     "lead_mean_all": dict(target="mean_all", reward="symmetric", normalisation="decoupled", weighting="psi"),
     "lead_median": dict(target="median_correct", reward="symmetric", normalisation="decoupled", weighting="psi"),
+    # DRPO-style decoupling (not DRPO's full objective): correctness as in GRPO, and a length
+    # signal among the correct rollouts only, normalised over them (a softmax of r_eff / drpo_tau
+    # scaled to mean 1), so it is never negative and a correct rollout never gets a negative
+    # advantage; the shortest correct rollout is the target, so shorter correct ones get more.
+    # Not whitened (whitening would shift correct rollouts below 0). advantages.py has the formula.
+    "drpo": dict(target="min_correct", reward="symmetric", normalisation="drpo", weighting="static",
+                 static_w_corr=0.5, whiten=False),
 }
 
 
@@ -49,7 +56,8 @@ class LeadConfig:
     reward: str = "symmetric"
     """Efficiency reward: symmetric max(-1, 1-|L-L*|/L*) | budget (penalty past L*) | none (always 0)."""
     normalisation: str = "decoupled"
-    """decoupled: each reward normalised in its group, then weighted; combined: weight, then normalise."""
+    """decoupled: each reward normalised in its group, then weighted; combined: weight, then normalise;
+    drpo: GRPO correctness plus a length bonus normalised within the correct rollouts only."""
     weighting: str = "psi"
     """psi: weights from the Potential-Scaled Instability controller; static: fixed static_w_corr."""
     l_min: float = 1000.0
@@ -78,6 +86,9 @@ class LeadConfig:
     """Whiten the combined advantages over all response tokens of the batch (off in `grpo`)."""
     whiten_eps: float = 1e-8
     """Added to the token variance before rsqrt in the whitening."""
+    drpo_tau: float = 0.2
+    """Temperature of the softmax over a prompt's correct rollouts in normalisation 'drpo': the
+    smaller, the more of the length bonus goes to the most efficient correct rollout."""
 
     @classmethod
     def for_method(cls, method: str = "lead", **overrides) -> "LeadConfig":
@@ -108,3 +119,8 @@ class LeadConfig:
                 raise ValueError(f"lead.{name}={getattr(self, name)} must be in [0, 1]")
         if self.alpha <= 0 or self.eps <= 0:
             raise ValueError("lead.alpha and lead.eps must be positive")
+        if not self.drpo_tau >= 0.01:  # exp(r_eff / tau) with |r_eff| <= 1 stays finite in float64
+            raise ValueError(f"lead.drpo_tau={self.drpo_tau} must be >= 0.01")
+        if self.normalisation == "drpo" and self.whiten:
+            raise ValueError("lead.normalisation=drpo needs lead.whiten=false: whitening would give "
+                             "correct rollouts negative advantages")
