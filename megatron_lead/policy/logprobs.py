@@ -2,17 +2,29 @@
 
 Each tensor-parallel rank holds a slice of the vocabulary. The full softmax is never formed on
 one rank: the max, the sum of exps, the target logit and (for the entropy) sum p*log p are
-all-reduced over the TP group, as in Megatron's vocab-parallel cross entropy. Extra memory is
-one [tokens, vocab/tp] fp32 softmax buffer per rank, kept for the backward and overwritten by
-the gradient there (plus one more such buffer in the backward when the entropy has a gradient).
+all-reduced over the TP group, as in Megatron's vocab-parallel cross entropy.
+
+Memory: with a vocabulary of 152k, an fp32 copy of a micro-batch's logits is gigabytes (8k tokens:
+4.6 GB per copy at TP=1). The default path is therefore chunked over tokens
+(`_ChunkedVocabParallelLogProbs`, `chunk_tokens` rows at a time): its extra memory is a few
+[chunk_tokens, vocab/tp] fp32 buffers plus per-token statistics, and the backward recomputes the
+softmax chunk by chunk from the caller's logits. `chunk_tokens=0` selects the unchunked
+`_VocabParallelLogProbs` (one [tokens, vocab/tp] fp32 softmax buffer kept for the backward and
+overwritten by the gradient there), the reference the chunked path is tested against.
 
 Log-probs are of logits / temperature, the distribution vLLM sampled from.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
+
+DEFAULT_CHUNK_TOKENS = 1024
+"""Tokens per chunk: 1024 x 152k vocab x 4 bytes = 0.6 GB per fp32 buffer at TP=1."""
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
 
 
 def _tp_group():
@@ -100,6 +112,96 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None, None, None, None
 
 
+class _ChunkedVocabParallelLogProbs(torch.autograd.Function):
+    """The same result as _VocabParallelLogProbs, computed `chunk` tokens at a time.
+
+    No [tokens, vocab/tp] fp32 tensor exists at any point: the forward converts one chunk of the
+    caller's logits to fp32 at a time and keeps only per-token statistics (the max, log of the
+    sum of exps, the entropy); the backward recomputes each chunk's softmax from the caller's
+    logits (saved by reference, not copied) and writes its gradient into the one [tokens, vocab/tp]
+    gradient buffer in the logits' own dtype, which the output layer's backward needs anyway.
+    Two TP all-reduces per call whatever the number of chunks: each rank first reduces its chunk
+    against its OWN max, and the partial sums are rescaled to the global max afterwards.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, temperature, with_entropy, group, vocab_size, chunk):
+        tp_rank = dist.get_rank(group) if group is not None and dist.is_initialized() else 0
+        part = logits.size(-1)
+        start = tp_rank * part
+        first_pad = part if vocab_size is None else min(max(vocab_size - start, 0), part)
+        x = logits.reshape(-1, part)  # a view for the contiguous logits Megatron returns
+        t = target.reshape(-1)
+        n = x.size(0)
+        outside = (t < start) | (t >= start + part)
+        local_t = (t - start).masked_fill(outside, 0)
+        stats = torch.zeros(4, n, dtype=torch.float32, device=logits.device)  # max, sum e, target, sum e*z
+        for i in range(0, n, chunk):
+            j = min(i + chunk, n)
+            z = x[i:j].to(torch.float32, copy=True).div_(temperature)
+            if first_pad < part:
+                z[:, first_pad:] = float("-inf")
+            m = z.amax(dim=-1)
+            stats[0, i:j] = m
+            z.sub_(m.masked_fill(torch.isinf(m), 0.0).unsqueeze(-1))  # a slice of padding only: m = -inf
+            stats[2, i:j] = z.gather(-1, local_t[i:j].unsqueeze(-1)).squeeze(-1)
+            e = z.exp()
+            stats[1, i:j] = e.sum(dim=-1)
+            if with_entropy:
+                stats[3, i:j] = torch.special.xlogy(e, e).sum(dim=-1)  # sum e z, 0 where e == 0
+            del z, e
+        local_max = stats[0].masked_fill(torch.isinf(stats[0]), 0.0)
+        global_max = stats[0].clone()
+        _all_reduce(global_max, dist.ReduceOp.MAX, group)
+        # Rescale this rank's partial sums from its own max to the global one, then one all-reduce.
+        shift = local_max - global_max
+        scale = shift.exp()
+        sums = torch.stack([(stats[2] + shift).masked_fill(outside, 0.0), stats[1] * scale,
+                            scale * (stats[3] + shift * stats[1])])
+        _all_reduce(sums, dist.ReduceOp.SUM, group)
+        log_sum = sums[1].log()
+        logp = sums[0] - log_sum
+        entropy = (log_sum - sums[2] / sums[1]) if with_entropy else None
+        ctx.save_for_backward(logits, local_t, outside, global_max, log_sum,
+                              entropy if with_entropy else global_max)
+        ctx.set_materialize_grads(False)
+        ctx.args = (temperature, with_entropy, chunk, first_pad)
+        shape = target.shape
+        return logp.view(shape), None if entropy is None else entropy.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, local_t, outside, global_max, log_sum, entropy = ctx.saved_tensors
+        temperature, with_entropy, chunk, first_pad = ctx.args
+        part = logits.size(-1)
+        x = logits.reshape(-1, part)
+        n = x.size(0)
+        g_logp = torch.zeros(n, dtype=torch.float32, device=x.device) if grad_logp is None \
+            else grad_logp.reshape(-1).to(torch.float32)
+        g_ent = None if (not with_entropy or grad_entropy is None) else grad_entropy.reshape(-1).to(torch.float32)
+        grad = torch.empty_like(x)
+        own = (~outside).to(torch.float32) * g_logp
+        for i in range(0, n, chunk):
+            j = min(i + chunk, n)
+            logq = x[i:j].to(torch.float32, copy=True).div_(temperature)
+            if first_pad < part:
+                logq[:, first_pad:] = float("-inf")
+            logq.sub_((global_max[i:j] + log_sum[i:j]).unsqueeze(-1))  # log p
+            p = logq.exp()
+            gl = g_logp[i:j].unsqueeze(-1)
+            if g_ent is not None:
+                # d logp(y)/dz_v = 1[v == y] - p_v ;  d H/dz_v = -p_v (log p_v + H)
+                w = logq.clamp_min_(_LOG_TINY)  # finite where p underflowed (as the unchunked path)
+                w.add_(entropy[i:j].unsqueeze(-1)).mul_(g_ent[i:j].unsqueeze(-1)).add_(gl)
+                g = w.mul_(p).neg_()
+            else:
+                g = p.mul_(-gl)
+            g.scatter_add_(-1, local_t[i:j].unsqueeze(-1), own[i:j].unsqueeze(-1))
+            grad[i:j] = g.div_(temperature)
+            del logq, p, g
+        return grad.view(logits.shape), None, None, None, None, None, None
+
+
 def vocab_parallel_logprobs(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -107,6 +209,7 @@ def vocab_parallel_logprobs(
     with_entropy: bool = False,
     group=None,
     vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(logits / T)[target] and the entropy of softmax(logits / T), vocab-parallel.
 
@@ -114,6 +217,7 @@ def vocab_parallel_logprobs(
     in the FULL vocabulary. group defaults to Megatron's tensor-parallel group (none when Megatron's
     groups are not set up: the whole vocabulary is here). vocab_size: the
     real vocabulary (HF config); ids at or above it (Megatron's padding) are left out.
+    chunk_tokens: tokens per chunk (None: DEFAULT_CHUNK_TOKENS; 0: unchunked).
     Returns fp32 tensors shaped like target (entropy None unless asked for).
     """
     if temperature <= 0:
@@ -122,8 +226,14 @@ def vocab_parallel_logprobs(
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
     if group is None and dist.is_initialized():
         group = _tp_group()
-    return _VocabParallelLogProbs.apply(logits, target, float(temperature), bool(with_entropy), group,
-                                        vocab_size)
+    chunk = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens)
+    if chunk < 0:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 0 (0: unchunked)")
+    if chunk == 0:
+        return _VocabParallelLogProbs.apply(logits, target, float(temperature), bool(with_entropy), group,
+                                            vocab_size)
+    return _ChunkedVocabParallelLogProbs.apply(logits, target, float(temperature), bool(with_entropy),
+                                               group, vocab_size, chunk)
 
 
 def sequence_logprobs(
@@ -133,17 +243,22 @@ def sequence_logprobs(
     with_entropy: bool = False,
     group=None,
     vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of every token given the ones before it, aligned with `tokens`.
 
     logits: [b, s, V / tp] from a forward over tokens [b, s] (position t predicts token t+1).
     Returns [b, s] tensors whose column t belongs to tokens[:, t]; column 0 has no prediction
     and is 0, so a response mask aligned with the tokens selects the right entries.
+    Every position is scored (the last one against a dummy target, then dropped) so the logits
+    are used whole: slicing off the last position would make them non-contiguous, and the
+    chunked path would then copy all of them.
     """
-    logp, ent = vocab_parallel_logprobs(logits[:, :-1], tokens[:, 1:], temperature, with_entropy, group,
-                                        vocab_size)
+    target = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # last column: dummy, dropped
+    logp, ent = vocab_parallel_logprobs(logits, target, temperature, with_entropy, group, vocab_size,
+                                        chunk_tokens)
     pad = logp.new_zeros(logp.size(0), 1)
-    logp = torch.cat([pad, logp], dim=1)
+    logp = torch.cat([pad, logp[:, :-1]], dim=1)
     if ent is not None:
-        ent = torch.cat([pad, ent], dim=1)
+        ent = torch.cat([pad, ent[:, :-1]], dim=1)
     return logp, ent
