@@ -12,13 +12,19 @@ On-disk layout under ROOT (one folder per saved step):
     trainer_state.json                the trainer's `state` (step, LEAD controller, data position)
     rng/rank{R}.pt                    rank R's RNG states (torch CPU, CUDA, python, numpy, Megatron's
                                       tensor-parallel tracker): tensors, ints, floats, lists only
+    manifest.json                     SHA-256 and size of every file above (safe_load.py)
     complete.json                     written last: format, step, world/tp/pp/dp sizes, ...
   ROOT/.tmp_step_00000012/            a save in progress (or one killed mid-way): never loaded
 
 A save writes everything into the temp folder; once every rank has written its shards (a
-collective error check, which is also a barrier) rank 0 writes complete.json, syncs it and renames
-the folder. A folder without complete.json, or with a name other than step_*, is never picked by
+collective error check, which is also a barrier) the ranks hash the files, rank 0 writes
+manifest.json, then complete.json, syncs them and renames the folder. A folder without complete.json, or with a name other than step_*, is never picked by
 `latest_checkpoint`; `load_checkpoint` refuses it.
+
+Loading never runs code from the folder: the manifest is verified before anything is unpickled,
+and Megatron's load runs under `safe_load.safe_unpickling` (an allow-list unpickler for DCP's
+`.metadata`, `torch.load(weights_only=True)` for everything else). Format-1 checkpoints (before
+manifests) still load, through the same safe loaders.
 
 Resharding: the model and optimizer states load at any TP/PP/DP layout (Megatron's sharded format:
 every tensor is a slice of a global tensor, padded vocab rows included). The RNG states are
@@ -38,6 +44,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_lead.trainer import safe_load
+
 CHECKPOINT_PREFIX = "step_"
 TEMP_PREFIX = ".tmp_step_"
 DELETE_PREFIX = ".del_step_"
@@ -45,7 +53,8 @@ MARKER_FILE = "complete.json"
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
 RNG_DIR = "rng"
-FORMAT = 1
+FORMAT = 2
+_READABLE_FORMATS = (1, 2)  # 1: no manifest.json
 _STEP_DIR = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # torch.distributed.checkpoint raises CheckpointException, a BaseException, on every rank when
 # one rank's read or write failed.
@@ -69,7 +78,7 @@ def _is_complete(path: str) -> bool:
         marker = _read_json(os.path.join(path, MARKER_FILE))
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker.get("format") == FORMAT
+    return isinstance(marker, dict) and marker.get("format") in _READABLE_FORMATS
 
 
 def _complete_checkpoints(root: str) -> list[tuple[int, str]]:
@@ -339,15 +348,36 @@ def save_checkpoint(root: str, step: int, model_chunks: list, optimizer, schedul
         error = f"rank {rank}: {_one_line(e)}"
     _collective_check(error, "saving", final, cleanup=tmp)
 
-    # 3. Rank 0, after every rank's shards are written: the global files, the marker last, rename.
+    # 3. Rank 0, after every rank's shards are written: the global files.
     if rank == 0:
         try:
             _write_json(os.path.join(tmp, STATE_FILE), state_text)
             _write_json(os.path.join(tmp, SCHEDULER_FILE),
                         scheduler.state_dict() if scheduler is not None else None)
+            _fsync_dir(os.path.join(tmp, RNG_DIR))
+        except Exception as e:  # noqa: BLE001
+            error = f"rank 0: {_one_line(e)}"
+    _collective_check(error, "saving", final, cleanup=tmp)
+
+    # 4. Every rank hashes its share of the files; rank 0 writes the manifest, the marker last,
+    #    and renames the folder.
+    entries: dict = {}
+    try:
+        files = [safe_load.checkpoint_files(tmp) if rank == 0 else None]
+        dist.broadcast_object_list(files, src=0)
+        share = safe_load.hash_share(tmp, files[0], rank, dist.get_world_size())
+    except Exception as e:  # noqa: BLE001
+        share, error = {}, f"rank {rank}: {_one_line(e)}"
+    shares: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, share)
+    _collective_check(error, "saving", final, cleanup=tmp)
+    if rank == 0:
+        try:
+            for part in shares:
+                entries.update(part)
+            safe_load.write_manifest(tmp, entries)
             marker = {"format": FORMAT, "step": step, **_layout(),
                       "optimizer_state": has_optimizer_state, "sharding_metadata": metadata}
-            _fsync_dir(os.path.join(tmp, RNG_DIR))
             _write_json(os.path.join(tmp, MARKER_FILE), marker)
             _fsync_dir(tmp)
             _commit(tmp, final)
@@ -377,7 +407,7 @@ def _check_folder(path: str) -> tuple[dict, dict, Any]:
         sched = _read_json(os.path.join(path, SCHEDULER_FILE))
     except (OSError, ValueError) as e:
         raise ValueError(f"checkpoint {path} is corrupt: {_one_line(e)}") from None
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+    if not isinstance(marker, dict) or marker.get("format") not in _READABLE_FORMATS:
         raise ValueError(f"checkpoint {path} is corrupt: unknown {MARKER_FILE} format")
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} is corrupt: {STATE_FILE} is not an object")
@@ -400,10 +430,17 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, scheduler,
     path = os.path.abspath(path)
     rank = dist.get_rank()
 
-    # 1. Every rank checks the folder; all raise the first rank's error, with its type.
+    # 1. Every rank checks the folder and its share of the manifest (before anything is
+    #    unpickled); all raise the first rank's error, with its type.
     failure = None
     try:
         marker, state, sched = _check_folder(path)
+        if marker["format"] >= 2:
+            try:
+                safe_load.verify_share(path, safe_load.read_manifest(path), rank, dist.get_world_size())
+            except (OSError, ValueError) as e:
+                msg = str(e) if isinstance(e, ValueError) else _one_line(e)
+                raise ValueError(f"checkpoint {path} is corrupt or was modified: {msg}") from None
     except (FileNotFoundError, ValueError) as e:
         failure = json.dumps([type(e).__name__, str(e)])
     failures: list = [None] * dist.get_world_size()
@@ -424,7 +461,8 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, scheduler,
             model_sd = {k: v for k, v in sharded.items()}
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 model_sd, is_loading=True, metadata=_with_groups(metadata))
-        loaded = dist_checkpointing.load(sharded, path)
+        with safe_load.safe_unpickling():
+            loaded = dist_checkpointing.load(sharded, path)
     except _ERRORS as e:  # Megatron's and DCP's errors are multi-line
         error = f"rank {rank}: {_one_line(e)}"
     _raise_load_error(error, path)
