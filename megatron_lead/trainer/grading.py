@@ -14,15 +14,18 @@ import torch.distributed as dist
 TRUNCATED = "truncated"
 
 
-def grade_rollouts(grader, decode, rollouts: list, answers: list[str]) -> tuple[list[float], list[str]]:
+def grade_rollouts(grader, decode, rollouts: list, answers: list[str],
+                   grade_truncated: bool = False) -> tuple[list[float], list[str]]:
     """Collective: (score, reason) of every rollout of the step, the same lists on every rank.
 
     rollouts: the step's global list (the same on every rank); answers[i]: gold answer of the
     prompt at global position i (rollout.prompt_index). Rank r grades rollouts r, r + world, ...
+    grade_truncated: grade truncated rollouts as any other (`megatron-lead eval` does, so its
+    per-sample files re-grade to the same scores) instead of scoring them 0.
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     mine = list(range(rank, len(rollouts), world))
-    todo = [i for i in mine if not rollouts[i].truncated]
+    todo = [i for i in mine if grade_truncated or not rollouts[i].truncated]
     results = grader.grade([decode(rollouts[i].response_ids) for i in todo],
                            [answers[rollouts[i].prompt_index] for i in todo])
     graded = {i: (1.0 if g.correct else 0.0, g.reason) for i, g in zip(todo, results)}
