@@ -7,6 +7,7 @@ redirected by cpu_compat), so the CPU tests exercise the code path the GPU runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -144,13 +145,25 @@ def build_scheduler(optimizer, cfg: OptimConfig):
     )
 
 
-def optimizer_step(optimizer, scheduler) -> dict[str, float]:
-    """Clip (Megatron's global norm), update, advance the lr schedule.
+def optimizer_step(optimizer, scheduler, loss_finite: bool = True) -> dict[str, float]:
+    """Clip (Megatron's global norm), update, advance the lr schedule; or skip a non-finite update.
 
-    Returns grad_norm (before clipping), the lr used, and skipped (1.0 when Megatron found
-    inf/nan grads and skipped the update).
+    Megatron checks grads for inf/nan only with an fp16 loss scaler, so in fp32 and bf16 a NaN
+    gradient would pass through clipping into Adam and poison the weights and both moments for
+    good. So the global grad norm (over the model-parallel group; the grads are already reduced
+    over DP, so every rank sees the same value) is checked first: when it, or the loss
+    (`loss_finite`, global too), is not finite, nothing is touched (weights, Adam state, lr
+    schedule) and the update counts as skipped. The norm is then computed twice per update (once
+    more in Megatron's clipping), a small cost next to the forward/backward.
+
+    Returns grad_norm (before clipping), the lr used, and skipped (1.0 for a skipped update).
     """
     lr = optimizer.param_groups[0]["lr"]
+    found_inf = optimizer.prepare_grads()  # main grads ready (mixed precision), scaler's check
+    norm = optimizer.get_grad_norm()
+    norm = float("nan") if norm is None else float(norm)
+    if found_inf or not loss_finite or not math.isfinite(norm):
+        return {"grad_norm": norm, "lr": lr, "skipped": 1.0}
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)

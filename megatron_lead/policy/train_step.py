@@ -9,6 +9,7 @@ see logprobs.sequence_logprobs). Rows are right-padded (the model needs position
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -130,9 +131,9 @@ def train_step(model: list, optimizer, scheduler, micro_batches: list[MicroBatch
     per_micro_batch = forward_backward(model, [mb.as_dict() for mb in micro_batches],
                                        _loss_fn(loss_cfg), forward_only=False)
 
-    # 3. Clip, update, advance the lr schedule.
-    step = optimizer_step(optimizer, scheduler)
-
-    # 4. Metrics over the global batch.
-    return {**_global_token_means(per_micro_batch, loss_cfg), **step}
+    # 3. Metrics over the global batch (the same on every rank), then clip, update, advance the
+    #    lr schedule; an update with a non-finite loss or gradient is skipped, touching nothing.
+    means = _global_token_means(per_micro_batch, loss_cfg)
+    step = optimizer_step(optimizer, scheduler, loss_finite=math.isfinite(means["loss"]))
+    return {**means, **step}
 

@@ -90,6 +90,9 @@ class PPOSection:
     """Sequences per forward/backward on one data-parallel rank."""
     epochs: int = 1
     """Passes over each step's rollouts."""
+    max_consecutive_skipped_steps: int = 5
+    """Stop the run after this many steps in a row that each skipped an optimizer update for a
+    non-finite loss or gradient (a skip leaves weights and optimizer state untouched); 0: never."""
 
 
 @dataclass
@@ -189,6 +192,9 @@ class TrainConfig:
                              f"{self.rollout.max_response_len}: unsolved prompts would get the wrong target")
         if self.grading.timeout <= 0:
             raise ValueError(f"grading.timeout={self.grading.timeout} must be positive")
+        if self.ppo.max_consecutive_skipped_steps < 0:
+            raise ValueError(f"ppo.max_consecutive_skipped_steps={self.ppo.max_consecutive_skipped_steps} "
+                             "must be >= 0")
         if self.checkpoint.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last={self.checkpoint.keep_last} must be >= 1")
         self.lead.validate()

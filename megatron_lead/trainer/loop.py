@@ -49,6 +49,7 @@ class Run:
     val: dict = field(default_factory=dict)
     data_stats: dict = field(default_factory=dict)
     start_step: int = 0
+    skips: object = None
 
 
 def _engine_config(cfg: TrainConfig):
@@ -91,6 +92,7 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
     from megatron_lead.rollout.engine import RolloutEngine
     from megatron_lead.rollout.sync import make_weight_sync
     from megatron_lead.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from megatron_lead.trainer.skips import SkipGuard
 
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
@@ -126,13 +128,14 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
               encoder=encoder, records=records, prompt_ids=prompt_ids,
               sampler=PromptSampler(len(records), cfg.data.prompts_per_step, seed=cfg.seed),
               lead=AdvantageComputer(cfg.lead, group=parallel_state.get_data_parallel_group()),
-              val=val, data_stats=stats.as_dict())
+              val=val, data_stats=stats.as_dict(), skips=SkipGuard(cfg.ppo.max_consecutive_skipped_steps))
     if resume:
         path = latest_checkpoint(os.path.join(cfg.run_dir, CHECKPOINTS_DIR))
         if path is not None:
             state = load_checkpoint(path, model, optimizer, scheduler)
             run.lead.load_state_dict(state["lead"])
             run.sampler.load_state_dict(state["sampler"])
+            run.skips.load_state_dict(state.get("skips", {}))
             run.start_step = int(state["step"])
     return run
 
@@ -246,15 +249,18 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             if done < last and _due(done, cfg.validation.every, last):
                 metrics.update(flatten(_validate(run), "val"))
             logger.log(step, metrics)
+            run.skips.update(step, metrics)  # too many non-finite steps in a row: stop
             if _due(done, cfg.checkpoint.every, last) or done == stop:
                 save_checkpoint(os.path.join(cfg.run_dir, CHECKPOINTS_DIR), done, run.model, run.optimizer,
                                 run.scheduler, {"step": done, "lead": run.lead.state_dict(),
-                                                "sampler": run.sampler.state_dict()},
+                                                "sampler": run.sampler.state_dict(),
+                                                "skips": run.skips.state_dict()},
                                 keep_last=cfg.checkpoint.keep_last)
             if done < last and cfg.checkpoint.hf_export_every > 0 and done % cfg.checkpoint.hf_export_every == 0:
                 save_hf_checkpoint(run.model, os.path.join(cfg.run_dir, "hf_export", f"step_{done:08d}"),
                                    hf_source_dir=cfg.model.path)
         summary["last"] = metrics
+        summary["skips"] = run.skips.summary()
         summary["steps_done"] = stop
         if stop == last:
             summary["after"] = _validate(run)
