@@ -182,6 +182,9 @@ def forward_backward(model_chunks: list, micro_batches: Iterable[dict],
 
     micro_batches: dicts with "tokens" [mbs, s] (int64; all the same shape) plus anything the
     loss needs; optional "attention_mask" (bool [mbs, 1, s, s], True = masked, replaces causal).
+    Or packed ones (policy/packing.PackedMicroBatch.as_dict: tokens [1, T], "positions",
+    "cu_seqlens", "max_seqlen"; T may differ between micro-batches), run with Megatron's
+    PackedSeqParams; logits are then [1, T, V/tp].
     loss_fn(logits, batch) -> (loss_sum, num_tokens, metrics_dict): called on the last stage with
     vocab-parallel logits [mbs, s, V/tp]; Megatron divides loss_sum by num_tokens (with
     calculate_per_token_loss=False) and by the number of micro-batches, then backpropagates.
@@ -199,11 +202,18 @@ def forward_backward(model_chunks: list, micro_batches: Iterable[dict],
         raise ValueError("collect= is for forward_only runs")
     if (loss_fn is None) == (collect is None):
         raise ValueError("pass exactly one of loss_fn and collect")
+    packed = "cu_seqlens" in micro_batches[0]
     mbs, seq = micro_batches[0]["tokens"].shape
+    if packed:
+        # Packs differ in length: Megatron's pipeline then sends each activation's shape first.
+        seq = max(mb["tokens"].size(1) for mb in micro_batches)
+        unwrap(model_chunks[0]).config.variable_seq_lengths = True
     for mb in micro_batches:
-        if mb["tokens"].shape != (mbs, seq):
+        if not packed and mb["tokens"].shape != (mbs, seq):
             raise ValueError(f"micro-batch tokens {tuple(mb['tokens'].shape)} differ from "
                              f"the first one's {(mbs, seq)}")
+        if ("cu_seqlens" in mb) != packed:
+            raise ValueError("micro-batches are either all packed or all padded")
     arch = unwrap(model_chunks[0]).arch
     device = next(unwrap(model_chunks[0]).parameters()).device
     batches = iter(micro_batches)
@@ -211,10 +221,17 @@ def forward_backward(model_chunks: list, micro_batches: Iterable[dict],
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(device, non_blocking=True)
-        positions = torch.arange(seq, device=device).unsqueeze(0).expand(tokens.size(0), -1)
         mask = batch.get("attention_mask")
+        extra = {}
+        if packed:
+            from megatron_lead.policy.packing import packed_seq_params
+
+            positions = batch["positions"].to(device, non_blocking=True)
+            extra["packed_seq_params"] = packed_seq_params(batch["cu_seqlens"].to(device), batch["max_seqlen"])
+        else:
+            positions = torch.arange(tokens.size(1), device=device).unsqueeze(0).expand(tokens.size(0), -1)
         output = model(input_ids=tokens, position_ids=positions,
-                       attention_mask=None if mask is None else mask.to(device))
+                       attention_mask=None if mask is None else mask.to(device), **extra)
 
         def finish(logits, non_loss_data=False):
             logits = mask_vocab_padding(logits, arch)

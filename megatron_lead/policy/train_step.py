@@ -5,6 +5,8 @@
 
 Tensors of a micro-batch are [b, s] and aligned with its tokens (column t is about tokens[:, t];
 see logprobs.sequence_logprobs). Rows are right-padded (the model needs position 0 first).
+A micro-batch may instead be a packing.PackedMicroBatch (rows back to back, [1, T], no padding;
+packing.pack_micro_batches): the same code runs it, and forward_logprobs unpacks its results.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from megatron_lead.policy.logprobs import sequence_logprobs
 from megatron_lead.policy.loss import LossConfig, policy_loss
 from megatron_lead.policy.model import forward_backward
 from megatron_lead.policy.optim import optimizer_step
+from megatron_lead.policy.packing import packed_sequence_logprobs, unpack
 from megatron_lead.policy.parallel import reduce_scalars
 from megatron_lead.policy.reference import ReferenceWeights
 
@@ -51,17 +54,27 @@ def split_micro_batches(micro_batch_size: int, **tensors: torch.Tensor | None) -
     ]
 
 
+def _token_logprobs(logits, batch: dict, temperature: float, with_entropy: bool = False):
+    """Log-probs (and entropy) aligned with the micro-batch's tokens, padded or packed."""
+    tokens = batch["tokens"].to(logits.device)
+    if "cu_seqlens" in batch:
+        return packed_sequence_logprobs(logits, tokens, batch["cu_seqlens"], temperature, with_entropy)
+    return sequence_logprobs(logits, tokens, temperature, with_entropy)
+
+
 @torch.no_grad()
 def forward_logprobs(model: list, micro_batches: list[MicroBatch],
                      temperature: float = 1.0) -> list[torch.Tensor]:
-    """Per-micro-batch token log-probs [b, s] (CPU) on the last pipeline stage; [] on the others."""
+    """Per-micro-batch token log-probs [b, s] (CPU) on the last pipeline stage; [] on the others.
+    A packed micro-batch's come back unpacked: [its rows, source width], zeros past each row."""
 
     def collect(logits, batch):
-        tokens = batch["tokens"].to(logits.device)
-        return sequence_logprobs(logits, tokens, temperature)[0].cpu()
+        logp = _token_logprobs(logits, batch, temperature)[0].cpu()
+        return unpack(logp, batch["cu_seqlens"], batch["width"]) if "cu_seqlens" in batch else logp
 
-    return forward_backward(model, [{"tokens": mb.tokens} for mb in micro_batches], None,
-                            forward_only=True, collect=collect)
+    inputs = ("tokens", "positions", "cu_seqlens", "max_seqlen", "width")
+    return forward_backward(model, [{k: v for k, v in mb.as_dict().items() if k in inputs}
+                                    for mb in micro_batches], None, forward_only=True, collect=collect)
 
 
 def reference_logprobs(model: list, reference: ReferenceWeights, micro_batches: list[MicroBatch],
@@ -74,7 +87,7 @@ def reference_logprobs(model: list, reference: ReferenceWeights, micro_batches: 
 def _loss_fn(cfg: LossConfig):
     def loss_fn(logits, batch):
         dev = logits.device
-        logp, entropy = sequence_logprobs(logits, batch["tokens"].to(dev), cfg.temperature, cfg.wants_entropy)
+        logp, entropy = _token_logprobs(logits, batch, cfg.temperature, cfg.wants_entropy)
         ref = batch.get("ref_logprobs")
         loss_sum, num_tokens, stats = policy_loss(
             logp, batch["old_logprobs"].to(dev), batch["advantages"].to(dev), batch["response_mask"].to(dev),

@@ -1,0 +1,164 @@
+"""Sequence packing: a micro-batch's rollouts as ONE sequence of their real tokens, no padding.
+
+RL batches are long-tailed (most answers short, a few near the length cap), so right-padding
+every row of a micro-batch to its longest wastes most of the compute on padding. Packing
+concatenates the rows into tokens [1, T] (T = the sum of their lengths) and hands Megatron-Core
+its packed-sequence parameters (`PackedSeqParams`, qkv_format "thd", `cu_seqlens` = the
+cumulative lengths). Megatron then
+  - applies RoPE per sequence, each from position 0 (`_apply_rotary_pos_emb_thd` splits the
+    pack at `cu_seqlens`), so a packed row sees exactly the positions of its padded twin;
+  - hands the core attention q [T, heads, d] and k/v [T, kv_heads, d] with the same parameters:
+    our `SDPACoreAttention` (policy/attention.py) attends within each sequence only (flash varlen
+    on GPU, a block-diagonal causal mask on CPU); Transformer Engine's attention does it natively.
+
+Micro-batches can be sized by tokens (`max_tokens`): consecutive rows are packed while their
+total length fits, so every forward does about the same work whatever the lengths. The loss is
+a token SUM divided by the global token count (policy/loss.py), so how rows are grouped does
+not change the gradient. Row order is kept, so results unpack to the caller's rows.
+
+Every tensor of a `PackedMicroBatch` is [1, T] and aligned with its tokens, exactly like a
+padded MicroBatch's [b, s], so the loss code is the same for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_lead.policy.logprobs import sequence_logprobs
+
+
+@dataclass
+class PackedMicroBatch:
+    """Rows of a right-padded batch concatenated into one sequence (see the module docstring)."""
+
+    tokens: torch.Tensor
+    """[1, T] int64: the rows' tokens, back to back."""
+    positions: torch.Tensor
+    """[1, T] int64: position in its own sequence (0, 1, ..., len-1, 0, 1, ...)."""
+    cu_seqlens: torch.Tensor
+    """[n + 1] int32: sequence i is tokens[0, cu_seqlens[i]:cu_seqlens[i + 1]]."""
+    max_seqlen: int
+    """Longest sequence in the pack (sizes RoPE's table and the varlen kernel)."""
+    rows: list[int]
+    """Index of each packed sequence in the source batch."""
+    width: int
+    """Width s of the source batch (unpack returns [n, width])."""
+    response_mask: torch.Tensor
+    """[1, T] bool."""
+    advantages: torch.Tensor
+    """[1, T] float (a per-rollout advantage is broadcast to its tokens)."""
+    old_logprobs: torch.Tensor | None = None
+    """[1, T] or None."""
+    ref_logprobs: torch.Tensor | None = None
+    """[1, T] or None."""
+
+    @property
+    def lengths(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def row_lengths(response_mask: torch.Tensor) -> torch.Tensor:
+    """[b] tokens per right-padded row: up to its last response token (at least 1)."""
+    mask = response_mask.bool()
+    last = mask.int().cumsum(1).argmax(1)  # first column where the count is final
+    return torch.where(mask.any(1), last + 1, torch.ones_like(last))
+
+
+def group_rows(lengths: list[int], micro_batch_size: int = 1, max_tokens: int = 0) -> list[list[int]]:
+    """Consecutive rows per micro-batch: `micro_batch_size` rows each, or (max_tokens > 0) as many
+    rows as fit in max_tokens tokens (a longer row gets a micro-batch of its own)."""
+    if max_tokens <= 0:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
+        return [list(range(i, min(i + micro_batch_size, len(lengths))))
+                for i in range(0, len(lengths), micro_batch_size)]
+    groups, current, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and used + n > max_tokens:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _pack_rows(t: torch.Tensor, rows: list[int], lengths: list[int]) -> torch.Tensor:
+    return torch.cat([t[r, :n] for r, n in zip(rows, lengths)]).unsqueeze(0)
+
+
+def pack_micro_batches(micro_batch_size: int = 1, max_tokens: int = 0, lengths: torch.Tensor | None = None,
+                       **tensors: torch.Tensor | None) -> list[PackedMicroBatch]:
+    """Packed counterpart of train_step.split_micro_batches (the same keyword tensors).
+
+    tokens / response_mask / old_logprobs / ref_logprobs: [B, s], right-padded; advantages: [B, s]
+    or [B]. lengths: [B] tokens per row (default: row_lengths(response_mask)). Rows are grouped by
+    group_rows(micro_batch_size, max_tokens), in order.
+    """
+    tokens, mask = tensors["tokens"], tensors["response_mask"]
+    lengths = row_lengths(mask) if lengths is None else lengths
+    lengths = [int(n) for n in lengths]
+    width = tokens.size(1)
+    if any(n < 1 or n > width for n in lengths):
+        raise ValueError(f"row lengths must be in 1..{width}, got {lengths}")
+    adv = tensors["advantages"]
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1).expand(-1, width)
+    out = []
+    for rows in group_rows(lengths, micro_batch_size, max_tokens):
+        lens = [lengths[r] for r in rows]
+        cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lens).cumsum(0)
+        opt = {k: None if tensors.get(k) is None else _pack_rows(tensors[k], rows, lens)
+               for k in ("old_logprobs", "ref_logprobs")}
+        out.append(PackedMicroBatch(
+            tokens=_pack_rows(tokens, rows, lens),
+            positions=torch.cat([torch.arange(n) for n in lens]).unsqueeze(0),
+            cu_seqlens=cu, max_seqlen=max(lens), rows=list(rows), width=width,
+            response_mask=_pack_rows(mask.bool(), rows, lens),
+            advantages=_pack_rows(adv, rows, lens), **opt))
+    return out
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int):
+    """Megatron-Core's parameters for one packed sequence of the given boundaries ("thd")."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.to(torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
+
+
+def sequence_starts(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[1, T] bool, True at the first token of each packed sequence."""
+    starts = torch.zeros(total, dtype=torch.bool, device=cu_seqlens.device)
+    starts[cu_seqlens[:-1].long()] = True
+    return starts.unsqueeze(0)
+
+
+def packed_sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, cu_seqlens: torch.Tensor,
+                             temperature: float = 1.0, with_entropy: bool = False,
+                             vocab_size: int | None = None):
+    """logprobs.sequence_logprobs over a pack [1, T]: each sequence's first token has no
+    prediction and gets 0 (as column 0 of a padded row); the last token of one sequence never
+    predicts the first of the next."""
+    logp, ent = sequence_logprobs(logits, tokens, temperature, with_entropy, vocab_size=vocab_size)
+    starts = sequence_starts(cu_seqlens.to(logp.device), logp.size(1))
+    logp = logp.masked_fill(starts, 0.0)
+    return logp, None if ent is None else ent.masked_fill(starts, 0.0)
+
+
+def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """[1, T] (or [T]) per-token values of a pack -> [n, width], right-padded with zeros."""
+    flat = values.reshape(-1)
+    bounds = cu_seqlens.tolist()
+    out = flat.new_zeros(len(bounds) - 1, width)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        out[i, :b - a] = flat[a:b]
+    return out
