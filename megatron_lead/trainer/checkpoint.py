@@ -298,6 +298,22 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _in_process_results_queue() -> None:
+    """Give Megatron's shard writer a plain in-process queue for its results.
+
+    By default it starts a multiprocessing Manager (a server process, plus Python's resource
+    tracker) on the first save and keeps it for the life of the trainer; when the trainer is
+    SIGKILLed, both outlive it (measured: still alive long after the kill). A synchronous save
+    puts its results and reads them back in this very process, so a queue.Queue does the same
+    job with no extra process; a fresh one per save, so a failed save leaves no stale result.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(root: str, step: int, model_chunks: list, optimizer, scheduler, state: dict,
                     keep_last: int = 3) -> str:
     """Collective over all ranks: write ROOT/step_{step:08d} and return its path.
@@ -341,6 +357,7 @@ def save_checkpoint(root: str, step: int, model_chunks: list, optimizer, schedul
             model_sd = {k: v for k, v in sharded.items()}
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 model_sd, is_loading=False, metadata=_with_groups(metadata))
+        _in_process_results_queue()
         dist_checkpointing.save(sharded, tmp,
                                 sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
         _write_rng(os.path.join(tmp, RNG_DIR, f"rank{rank}.pt"), rng)
