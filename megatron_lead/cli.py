@@ -21,6 +21,8 @@ COMMANDS = {
     "replay": "megatron_lead.replay",
     "convert": "megatron_lead.policy.convert.cli",
     "grade": "megatron_lead.rewards.cli",
+    "eval": "megatron_lead.eval.cli",
+    "compare": "megatron_lead.eval.compare",
 }
 
 

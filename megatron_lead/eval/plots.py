@@ -44,7 +44,7 @@ def compare_plot(table: list[dict], out_png: str, title: str = "") -> str:
     plt = _pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     for r in table:
-        is_base = r["method"] == "warm start"
+        is_base = r["method"] == "warm_start"
         ax.errorbar(r["mean_length"], 100 * r["accuracy"], xerr=r.get("mean_length_std") or 0,
                     yerr=100 * (r.get("accuracy_std") or 0), fmt="*" if is_base else "o",
                     markersize=12 if is_base else 6, capsize=3)
