@@ -46,6 +46,9 @@ class SDPACoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale  # None: SDPA's default 1/sqrt(head_dim)
+        # A Python bool from the config, not from the tensors' shapes: under torch.compile with
+        # dynamic shapes those are symbolic, and SDPA rejects a symbolic enable_gqa.
+        self.gqa = config.num_query_groups not in (None, config.num_attention_heads)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -56,7 +59,7 @@ class SDPACoreAttention(MegatronModule):
                 raise ValueError("SDPACoreAttention: packed sequences need qkv_format='thd' and no mask")
             # Megatron squeezed the batch dim: q [T, heads, d], k/v [T, kv_heads, d].
             out = packed_attention(query, key, value, packed_seq_params.cu_seqlens_q,
-                                   packed_seq_params.max_seqlen_q, self.softmax_scale)
+                                   packed_seq_params.max_seqlen_q, self.softmax_scale, self.gqa)
             return out.reshape(out.size(0), -1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -65,7 +68,7 @@ class SDPACoreAttention(MegatronModule):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal,
             dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
-            enable_gqa=k.shape[1] != q.shape[1])
+            enable_gqa=self.gqa)
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
 
@@ -94,10 +97,12 @@ def packed_backend(query: torch.Tensor) -> str:
     return "mask"
 
 
-def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale=None) -> torch.Tensor:
-    """Causal attention within each packed sequence: q [T, hq, d], k/v [T, hk, d] -> [T, hq, d]."""
+def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale=None,
+                     gqa: bool | None = None) -> torch.Tensor:
+    """Causal attention within each packed sequence: q [T, hq, d], k/v [T, hk, d] -> [T, hq, d].
+    gqa: whether hk < hq (default: from the shapes; pass it under torch.compile)."""
     backend = packed_backend(q)
-    gqa = k.size(1) != q.size(1)
+    gqa = bool(k.size(1) != q.size(1)) if gqa is None else gqa
     if backend == "varlen":
         found = _varlen_fn()
         if found is None:

@@ -15,6 +15,7 @@ rows must start at position 0 — right-padded batches, not left-padded ones.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable
 
 import torch
@@ -97,13 +98,16 @@ def layer_spec(attention: str = "auto"):
 
 
 def build_model(hf_config: Any, dtype: torch.dtype = torch.float32, attention: str = "auto",
-                init_weights: bool = True, **config_overrides) -> list:
+                init_weights: bool = True, compile_layers: bool = False, **config_overrides) -> list:
     """This rank's model chunks (one GPTModel) for the current TP x PP groups.
 
     hf_config: HF model folder, config.json path, dict or PretrainedConfig (Qwen2 / Llama).
     init_weights=False skips Megatron's random init (faster when a checkpoint is loaded next).
+    compile_layers: torch.compile every transformer layer (see compile_transformer_layers).
     The model is on the current CUDA device, or on CPU without CUDA; in train mode.
     """
+    from megatron_lead.policy.packing import use_traceable_thd_rope
+
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -136,7 +140,61 @@ def build_model(hf_config: Any, dtype: torch.dtype = torch.float32, attention: s
     model.hf_config = hf_config
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    use_traceable_thd_rope()  # packed sequences: RoPE without host syncs (policy/packing.py)
+    if compile_layers:
+        compile_transformer_layers([model])
     return [model]
+
+
+def _quiet_default_tp_group() -> None:
+    """Megatron 0.16.1's RowParallelLinear passes tp_group=None on every forward, and the lookup
+    of the default group warns each time (on rank 0): inside a compiled layer that warning is a
+    graph break, two per layer. Same lookup, no warning (idempotent)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import layers
+
+    original = layers.get_tensor_model_parallel_group_if_none
+    if getattr(original, "quiet", False):
+        return
+
+    def quiet(tp_group, is_expert=False, check_initialized=True):
+        if tp_group is None and not is_expert and parallel_state.is_initialized():
+            return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+        return original(tp_group, is_expert=is_expert, check_initialized=check_initialized)
+
+    quiet.quiet = True
+    layers.get_tensor_model_parallel_group_if_none = quiet
+
+
+def compile_problem() -> str | None:
+    """Why torch.compile cannot run here (inductor builds C++ on CPU, Triton's launcher in C on
+    GPU, both with the system compiler), or None."""
+    import shutil
+
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        return "torch.compile needs a C/C++ compiler (g++, c++ or clang++ on PATH, or CXX) and none is installed"
+    return None
+
+
+def compile_transformer_layers(model_chunks: list) -> int:
+    """torch.compile each TransformerLayer of the chunks in place; returns how many.
+
+    Layers, not the whole model: Megatron's pipeline schedule, the embedding, the vocab-parallel
+    output and the loss stay eager (and every layer shares one compiled graph, the parameters
+    being graph inputs). dynamic=True: sequence and pack lengths are symbolic from the first
+    call, so RL batches of ever-changing length reuse the graphs instead of recompiling
+    (tests/test_policy_compile.py counts the compilations).
+    """
+    problem = compile_problem()
+    if problem:
+        raise RuntimeError(problem)
+    _quiet_default_tp_group()
+    count = 0
+    for chunk in model_chunks:
+        for layer in unwrap(chunk).decoder.layers:
+            layer.compile(dynamic=True)
+            count += 1
+    return count
 
 
 def _mark_tensor_parallel_weights(model) -> None:

@@ -18,6 +18,11 @@ not change the gradient. Row order is kept, so results unpack to the caller's ro
 
 Every tensor of a `PackedMicroBatch` is [1, T] and aligned with its tokens, exactly like a
 padded MicroBatch's [b, s], so the loss code is the same for both.
+
+`use_traceable_thd_rope` (build_model calls it) swaps Megatron's reference "thd" RoPE for one
+computing the same values without reading the boundaries on the host: Megatron's splits the pack
+with `cu_seqlens.tolist()` in every layer (a GPU sync per layer, and a graph break plus one
+compiled graph per distinct list of lengths under torch.compile).
 """
 
 from __future__ import annotations
@@ -162,3 +167,40 @@ def unpack(values: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         out[i, :b - a] = flat[a:b]
     return out
+
+
+def _thd_rope(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0,
+              cp_group=None):
+    """Megatron's `_apply_rotary_pos_emb_thd` (t [T, heads, d]) for context-parallel size 1, with
+    every token's position computed on the device: arange(T) - start of its sequence.
+
+    Megatron's has a second mode for a table of T rows (positions NOT restarting, for VLMs);
+    GPTModel's table has max_seqlen rows, which equals T only for a pack of one sequence,
+    where both modes agree.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if cp_group is not None and cp_group.size() > 1:
+        return _ORIGINAL_THD_ROPE[0](t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
+                                     multi_latent_attention=multi_latent_attention, mscale=mscale,
+                                     cp_group=cp_group)
+    total = t.size(0)
+    index = torch.arange(total, device=t.device)
+    cu = cu_seqlens.to(device=t.device, dtype=torch.int64)
+    seq_id = torch.bucketize(index, cu[1:], right=True)
+    positions = index - cu[seq_id]
+    return rope_utils._apply_rotary_pos_emb_bshd(
+        t.unsqueeze(1), freqs[positions], rotary_interleaved=rotary_interleaved,
+        multi_latent_attention=multi_latent_attention, mscale=mscale).squeeze(1)
+
+
+_ORIGINAL_THD_ROPE: list = []
+
+
+def use_traceable_thd_rope() -> None:
+    """Install _thd_rope in place of Megatron's (idempotent; see the module docstring)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if not _ORIGINAL_THD_ROPE:
+        _ORIGINAL_THD_ROPE.append(rope_utils._apply_rotary_pos_emb_thd)
+        rope_utils._apply_rotary_pos_emb_thd = _thd_rope
