@@ -159,6 +159,54 @@ def _record_first_rotary_query(layers: int):
     return seen
 
 
+def _trainer_path(rank):
+    """trainer.ppo's phases with ppo.pack_sequences / max_tokens_per_micro_batch on and off."""
+    from types import SimpleNamespace
+
+    from megatron_lead.policy.loss import LossConfig
+    from megatron_lead.policy.model import build_model
+    from megatron_lead.policy.optim import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_lead.policy.parallel import destroy_parallel, init_parallel
+    from megatron_lead.policy.reference import ReferenceWeights
+    from megatron_lead.policy.train_step import forward_logprobs, make_micro_batches
+    from megatron_lead.trainer.ppo import ppo_update, reference_pass
+
+    init_parallel(1, 1, seed=7)
+    cfg = OptimConfig(optimizer="sgd", sgd_momentum=0.0, lr=0.5, weight_decay=0.0, clip_grad=0.0)
+    model = wrap_ddp(build_model(_hf_config().to_dict()), cfg)
+    reference = ReferenceWeights(model)
+    tokens, mask, adv, old_offset = _batch()
+    tokens, mask, adv, old_offset = (t[:4] for t in (tokens, mask, adv, old_offset))  # 2 mini-batches
+    params = [p for chunk in model for p in chunk.parameters()]
+    start = [p.detach().clone() for p in params]
+    out = {}
+    import megatron_lead.policy.packing as packing_module
+
+    original, calls = packing_module.pack_micro_batches, []
+
+    def counted(*args, **kwargs):  # proof that the phases really packed
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    packing_module.pack_micro_batches = counted
+    for name, packing in (("padded", {}), ("packed", dict(pack=True, max_tokens=21))):
+        calls.clear()
+        optimizer, scheduler = build_optimizer(model, cfg)
+        old = torch.cat(forward_logprobs(model, make_micro_batches(2, tokens=tokens, response_mask=mask,
+                                                                   advantages=adv, **packing)))
+        batch = SimpleNamespace(tokens=tokens, response_mask=mask, old_logprobs=old + old_offset)
+        ref = reference_pass(model, reference, batch, 2, TEMPERATURE, **packing)
+        metrics = ppo_update(model, optimizer, scheduler, batch, adv, ref + 0.2,
+                             LossConfig(temperature=TEMPERATURE), 2, 1, 2, **packing)
+        out[name] = dict(old=old, ref=ref, metrics=metrics, pack_calls=len(calls))
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+    packing_module.pack_micro_batches = original
+    destroy_parallel()
+    return out
+
+
 def _layouts(rank, world_size):
     import numpy as np
 
@@ -172,7 +220,8 @@ def _layouts(rank, world_size):
         return obj
 
     np.random.seed(0)
-    return host({"tp1": _compare(rank, 1, 1), "tp2": _compare(rank, 2, 1), "pp2": _compare(rank, 1, 2)})
+    return host({"tp1": _compare(rank, 1, 1), "tp2": _compare(rank, 2, 1), "pp2": _compare(rank, 1, 2),
+                 "trainer": _trainer_path(rank)})
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +253,36 @@ def test_packed_equals_padded(layouts, layout):
                                            torch.from_numpy(pad["first_q"][i, :n]), atol=1e-6, rtol=1e-5)
         for a, b in zip(pack["update"], pad["update"]):
             torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_trainer_ppo_phases_packed_equal_padded(layouts):
+    got = layouts[0]["trainer"]
+    pad, pack = got["padded"], got["packed"]
+    assert (pad["pack_calls"], pack["pack_calls"]) == (0, 4)  # old, reference, 2 mini-batches
+    lengths = [p + r for p, r in ROWS[:4]]
+    for key in ("old", "ref"):
+        for i, n in enumerate(lengths):
+            torch.testing.assert_close(torch.from_numpy(pack[key][i, :n]), torch.from_numpy(pad[key][i, :n]),
+                                       atol=1e-5, rtol=1e-5)
+    for name in ("train/loss", "train/kl_ref", "train/clip_frac", "train/grad_norm", "train/tokens",
+                 "train/updates"):
+        assert abs(pack["metrics"][name] - pad["metrics"][name]) < 1e-5 * max(1.0, abs(pad["metrics"][name])), name
+    assert pad["metrics"]["train/updates"] == 2 and pad["metrics"]["train/kl_ref"] > 0
+
+
+def test_config_keys():
+    from megatron_lead.trainer.config import load_config
+
+    cfg = load_config(None, ["ppo.pack_sequences=true", "ppo.max_tokens_per_micro_batch=16384",
+                             "model.compile_layers=true"])
+    cfg.validate(check_paths=False)
+    assert cfg.ppo.pack_sequences and cfg.ppo.max_tokens_per_micro_batch == 16384 and cfg.model.compile_layers
+    defaults = load_config(None, [])
+    assert not defaults.ppo.pack_sequences and defaults.ppo.max_tokens_per_micro_batch == 0
+    assert not defaults.model.compile_layers
+    with pytest.raises(ValueError, match="ppo.max_tokens_per_micro_batch needs ppo.pack_sequences"):
+        load_config(None, ["ppo.max_tokens_per_micro_batch=4096"]).validate(check_paths=False)
+    with pytest.raises(ValueError, match="ppo.max_tokens_per_micro_batch=-1"):
+        load_config(None, ["ppo.pack_sequences=true", "ppo.max_tokens_per_micro_batch=-1"]).validate(
+            check_paths=False)

@@ -62,6 +62,19 @@ def _token_logprobs(logits, batch: dict, temperature: float, with_entropy: bool 
     return sequence_logprobs(logits, tokens, temperature, with_entropy)
 
 
+def make_micro_batches(micro_batch_size: int, pack: bool = False, max_tokens: int = 0,
+                       **tensors: torch.Tensor | None) -> list:
+    """split_micro_batches, or (pack) packing.pack_micro_batches: rows packed without padding,
+    micro_batch_size rows per pack, or as many as fit in max_tokens tokens when that is > 0."""
+    if pack:
+        from megatron_lead.policy.packing import pack_micro_batches
+
+        return pack_micro_batches(micro_batch_size, max_tokens, **tensors)
+    if max_tokens:
+        raise ValueError("micro-batches sized by tokens need packing (padded micro-batches share one shape)")
+    return split_micro_batches(micro_batch_size, **tensors)
+
+
 @torch.no_grad()
 def forward_logprobs(model: list, micro_batches: list[MicroBatch],
                      temperature: float = 1.0) -> list[torch.Tensor]:

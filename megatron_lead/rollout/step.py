@@ -138,17 +138,18 @@ def _check_engines(engine) -> None:
 def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int]],
                  sampling: SamplingConfig, *, micro_batch_size: int, pad_id: int,
                  seeds: Sequence[int] | None = None, vllm_tp: int = 1, num_mini_batches: int = 1,
-                 hf_config=None) -> RolloutBatch:
+                 hf_config=None, pack: bool = False, max_tokens: int = 0) -> RolloutBatch:
     """Collective over all trainer ranks: one RL step's rollouts of the step's global prompt list.
 
     prompts: the step's prompts (token ids), the same list on every rank. seeds: one sampling seed
     per prompt (default sampling.seed + i). The rows this data-parallel rank keeps
-    (len(prompts) * G / dp of them) must divide by micro_batch_size.
+    (len(prompts) * G / dp of them) must divide by micro_batch_size. pack / max_tokens: how the old
+    log-prob pass cuts micro-batches (train_step.make_micro_batches).
     """
     from megatron.core import parallel_state
 
     from megatron_lead.policy.parallel import reduce_scalars
-    from megatron_lead.policy.train_step import forward_logprobs, split_micro_batches
+    from megatron_lead.policy.train_step import forward_logprobs, make_micro_batches
 
     if sampling.temperature <= 0:
         raise ValueError(f"rollout_step needs temperature > 0 (old log-probs are of logits / "
@@ -183,9 +184,9 @@ def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int
 
     # 4. Megatron's log-probs of the sampled tokens: PPO's old_logprobs (last stage only).
     # (advantages are not known yet and not read by a forward-only pass: zeros fill the field)
-    micro_batches = split_micro_batches(micro_batch_size, tokens=packed["tokens"],
-                                        response_mask=packed["response_mask"],
-                                        advantages=torch.zeros(len(rollouts)))
+    micro_batches = make_micro_batches(micro_batch_size, pack, max_tokens, tokens=packed["tokens"],
+                                       response_mask=packed["response_mask"],
+                                       advantages=torch.zeros(len(rollouts)))
     per_micro_batch = forward_logprobs(model_chunks, micro_batches, sampling.temperature)
     old_logprobs = torch.cat(per_micro_batch) if per_micro_batch else None
 

@@ -32,6 +32,9 @@ class ModelSection:
     """Tokenizer folder; None = model.path."""
     attention: str = "auto"
     """Megatron attention: auto (Transformer Engine if importable, else SDPA) | te | sdpa | local."""
+    compile_layers: bool = False
+    """torch.compile each transformer layer of the policy (dynamic shapes: varying RL lengths reuse
+    the compiled graphs). Needs a C/C++ compiler; the first steps pay the compilation."""
 
 
 @dataclass
@@ -90,6 +93,12 @@ class PPOSection:
     """Sequences per forward/backward on one data-parallel rank."""
     epochs: int = 1
     """Passes over each step's rollouts."""
+    pack_sequences: bool = False
+    """Pack each micro-batch's rollouts into one sequence without padding (Megatron's packed-sequence
+    parameters; policy/packing.py): no compute on padding, the same log-probs and loss."""
+    max_tokens_per_micro_batch: int = 0
+    """With pack_sequences: micro-batches of as many consecutive rollouts as fit in this many tokens
+    (a longer rollout gets one of its own), instead of micro_batch_size rollouts. 0: off."""
     max_consecutive_skipped_steps: int = 5
     """Stop the run after this many steps in a row that each skipped an optimizer update for a
     non-finite loss or gradient (a skip leaves weights and optimizer state untouched); 0: never."""
@@ -168,6 +177,11 @@ class TrainConfig:
                            ("grading.workers", self.grading.workers)):
             if value < 1:
                 raise ValueError(f"{key}={value} must be >= 1")
+        if self.ppo.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"ppo.max_tokens_per_micro_batch={self.ppo.max_tokens_per_micro_batch} must be >= 0")
+        if self.ppo.max_tokens_per_micro_batch and not self.ppo.pack_sequences:
+            raise ValueError("ppo.max_tokens_per_micro_batch needs ppo.pack_sequences=true (padded micro-batches "
+                             "all have one shape)")
         if self.rollout.n < 2:
             raise ValueError(f"rollout.n={self.rollout.n}: GRPO/LEAD group statistics need at least "
                              "2 rollouts per prompt")
@@ -225,6 +239,43 @@ class TrainConfig:
             path = getattr(self.data, key)
             if path and not os.path.isfile(path):
                 raise ValueError(f"data.{key}={path}: no such file")
+        _check_writable("run_dir", self.run_dir)
+        self._check_model_fits()
+
+    def _check_model_fits(self) -> None:
+        """The parallel sizes divide the model's layers and heads (Megatron and vLLM assert this
+        deep inside, after every rank has started); read from the HF config.json. A size the
+        file does not give is left to the model build."""
+        import json
+
+        try:
+            with open(os.path.join(self.model.path, "config.json")) as f:
+                hf = json.load(f)
+            layers, heads = int(hf.get("num_hidden_layers") or 0), int(hf.get("num_attention_heads") or 0)
+            groups = int(hf.get("num_key_value_heads") or heads)
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"model.path={self.model.path}: unreadable config.json ({type(e).__name__})") from None
+        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+        vtp = self.rollout.tensor_parallel_size
+        for key, size, count, what in (("parallel.pipeline_model_parallel_size", pp, layers, "layers"),
+                                       ("parallel.tensor_model_parallel_size", tp, heads, "attention heads"),
+                                       ("parallel.tensor_model_parallel_size", tp, groups, "key-value heads"),
+                                       ("rollout.tensor_parallel_size", vtp, heads, "attention heads")):
+            if count and count % size:
+                raise ValueError(f"{key}={size} does not divide the model's {count} {what}")
+
+
+def _check_writable(key: str, path: str) -> None:
+    """The folder exists and is writable, or could be created: its nearest existing ancestor is
+    a writable folder. Checked before anything starts, so a bad run_dir does not cost a model
+    load and a vLLM start (access() also sees read-only mounts, even for root)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{key}={path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={path}: {probe} is not writable")
 
 
 # ------------------------------------------------------------------------------ loading

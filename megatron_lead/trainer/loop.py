@@ -115,7 +115,8 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
         val = dict(prompts=v_ids, answers=[r.answer for r in v_records], levels=[r.level for r in v_records])
 
     dtype = torch.bfloat16 if cfg.optim.use_bf16 else torch.float32
-    model = build_model(cfg.model.path, dtype=dtype, attention=cfg.model.attention, init_weights=False)
+    model = build_model(cfg.model.path, dtype=dtype, attention=cfg.model.attention, init_weights=False,
+                        compile_layers=cfg.model.compile_layers)
     load_hf_weights(model, cfg.model.path)
     reference = ReferenceWeights(model) if cfg.loss.uses_reference else None  # the base weights
     model = wrap_ddp(model, cfg.optim)
@@ -178,6 +179,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
     cfg, timer = run.cfg, PhaseTimer()
     num_updates = cfg.data.prompts_per_step // cfg.ppo.mini_batch_prompts
+    packing = dict(pack=cfg.ppo.pack_sequences, max_tokens=cfg.ppo.max_tokens_per_micro_batch)
     with timer("data"):
         indices = run.sampler.next_batch()
         prompts = [run.prompt_ids[i] for i in indices]
@@ -188,16 +190,17 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         batch = rollout_step(run.model, run.engine, run.weight_sync, prompts, sampling,
                              micro_batch_size=cfg.ppo.micro_batch_size, pad_id=run.encoder.pad_token_id,
                              seeds=[sampling_seed(cfg.seed, step, i) for i in indices],
-                             vllm_tp=cfg.rollout.tensor_parallel_size, num_mini_batches=num_updates)
+                             vllm_tp=cfg.rollout.tensor_parallel_size, num_mini_batches=num_updates, **packing)
     with timer("grade"):
         scores, reasons = grade_rollouts(run.grader, run.encoder.decode, batch.all_rollouts, answers)
     with timer("advantages"):
         result = compute_advantages(run.lead, batch, scores, len(prompts))
     with timer("reference"):
-        ref = reference_pass(run.model, run.reference, batch, cfg.ppo.micro_batch_size, cfg.loss.temperature)
+        ref = reference_pass(run.model, run.reference, batch, cfg.ppo.micro_batch_size, cfg.loss.temperature,
+                             **packing)
     with timer("train"):
         train = ppo_update(run.model, run.optimizer, run.scheduler, batch, result.advantages, ref, cfg.loss,
-                           num_updates, cfg.ppo.epochs, cfg.ppo.micro_batch_size)
+                           num_updates, cfg.ppo.epochs, cfg.ppo.micro_batch_size, **packing)
     metrics = {**batch.metrics, **_rollout_metrics(batch, scores, reasons, result,
                                                     parallel_state.get_data_parallel_group()), **train}
     metrics.update(timer.metrics())

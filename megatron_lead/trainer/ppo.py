@@ -11,7 +11,7 @@ import torch
 
 from megatron_lead.lead import AdvantageComputer, LeadResult, RolloutShard
 from megatron_lead.policy.loss import LossConfig
-from megatron_lead.policy.train_step import MicroBatch, reference_logprobs, split_micro_batches, train_step
+from megatron_lead.policy.train_step import MicroBatch, make_micro_batches, reference_logprobs, train_step
 
 # Token-mean metrics of train_step, averaged over the step's updates weighted by their tokens.
 _TOKEN_MEANS = ("loss", "pg_loss", "ppo_kl", "clip_frac", "kl_ref", "entropy")
@@ -28,18 +28,20 @@ def compute_advantages(lead: AdvantageComputer, batch, scores: list[float], num_
     return lead(shard)
 
 
-def reference_pass(model: list, reference, batch, micro_batch_size: int, temperature: float):
-    """Log-probs of this rank's rollouts under the frozen reference (last pipeline stage), or None."""
+def reference_pass(model: list, reference, batch, micro_batch_size: int, temperature: float,
+                   pack: bool = False, max_tokens: int = 0):
+    """Log-probs of this rank's rollouts under the frozen reference (last pipeline stage), or None.
+    pack / max_tokens: make_micro_batches' (ppo.pack_sequences / max_tokens_per_micro_batch)."""
     if reference is None:
         return None
-    mbs = split_micro_batches(micro_batch_size, tokens=batch.tokens, response_mask=batch.response_mask,
-                              advantages=torch.zeros(batch.tokens.size(0)))
+    mbs = make_micro_batches(micro_batch_size, pack, max_tokens, tokens=batch.tokens,
+                             response_mask=batch.response_mask, advantages=torch.zeros(batch.tokens.size(0)))
     parts = reference_logprobs(model, reference, mbs, temperature)
     return torch.cat(parts) if parts else None
 
 
-def _mini_batch(batch, rows: slice, advantages: torch.Tensor, ref_logprobs, micro_batch_size: int
-                ) -> list[MicroBatch]:
+def _mini_batch(batch, rows: slice, advantages: torch.Tensor, ref_logprobs, micro_batch_size: int,
+                pack: bool = False, max_tokens: int = 0) -> list[MicroBatch]:
     """Micro-batches of one mini-batch, cut to the width of its longest row (less padding)."""
     lengths = batch.response_mask[rows].float().cumsum(1).argmax(1) + 1  # last response token + 1
     width = int(lengths.max())
@@ -48,14 +50,14 @@ def _mini_batch(batch, rows: slice, advantages: torch.Tensor, ref_logprobs, micr
     def cut(t):
         return None if t is None else t[rows, cols]
 
-    return split_micro_batches(micro_batch_size, tokens=cut(batch.tokens), response_mask=cut(batch.response_mask),
-                               advantages=advantages[rows], old_logprobs=cut(batch.old_logprobs),
-                               ref_logprobs=cut(ref_logprobs))
+    return make_micro_batches(micro_batch_size, pack, max_tokens, tokens=cut(batch.tokens),
+                              response_mask=cut(batch.response_mask), advantages=advantages[rows],
+                              old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(ref_logprobs))
 
 
 def ppo_update(model: list, optimizer, scheduler, batch, advantages: torch.Tensor, ref_logprobs,
-               loss_cfg: LossConfig, num_mini_batches: int, epochs: int, micro_batch_size: int
-               ) -> dict[str, float]:
+               loss_cfg: LossConfig, num_mini_batches: int, epochs: int, micro_batch_size: int,
+               pack: bool = False, max_tokens: int = 0) -> dict[str, float]:
     """`epochs` passes of `num_mini_batches` optimizer updates over this rank's rollouts.
 
     Returns the updates' metrics: token-weighted means of the loss terms, mean and max grad norm,
@@ -69,7 +71,8 @@ def ppo_update(model: list, optimizer, scheduler, batch, advantages: torch.Tenso
         for k in range(num_mini_batches):
             rows = slice(k * rows_per_update, (k + 1) * rows_per_update)
             m = train_step(model, optimizer, scheduler,
-                           _mini_batch(batch, rows, advantages, ref_logprobs, micro_batch_size), loss_cfg)
+                           _mini_batch(batch, rows, advantages, ref_logprobs, micro_batch_size, pack, max_tokens),
+                           loss_cfg)
             for name in _TOKEN_MEANS:
                 if name in m:
                     sums[name] += m[name] * m["num_tokens"]
