@@ -67,9 +67,13 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             summary = run_local(_train_rank, world, args.config, args.overrides, args.resume, timeout=None)[0]
-        except RuntimeError as e:  # a rank failed: its last traceback line is the message
+        except RuntimeError as e:  # a rank failed: "rank R: " + its last traceback line
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            raise RuntimeError(lines[-1] if lines else str(e)) from None
+            message = lines[-1] if lines else str(e)
+            first = lines[0] if lines else ""
+            if first.startswith("rank ") and first.endswith(" failed:") and len(lines) > 1:
+                message = f"{first[:-len(' failed:')]}: {message}"
+            raise RuntimeError(message) from None
     print(f"done: {summary.get('steps_done', 0)} steps in {summary.get('wall_seconds', 0):.0f}s; "
           f"run folder {cfg.run_dir}")
     return 0
