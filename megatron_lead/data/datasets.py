@@ -52,9 +52,12 @@ class DataStats:
     skipped_empty_answer: int = 0
     """Rows whose answer is an empty or whitespace-only string."""
     skipped_bad_answer: int = 0
-    """Rows whose answer is neither text nor a number (a list, a dict, a bool)."""
+    """Rows whose answer is neither text nor a number (a list, a dict, a bool), or is text that
+    is not valid Unicode (a lone surrogate, as a JSON `\\ud800` escape gives)."""
     skipped_bad_prompt: int = 0
-    """Rows without a non-empty string in `prompt`/`problem`, or with an id that is not text/int."""
+    """Rows without a non-empty string in `prompt`/`problem`, with a prompt that is not valid
+    Unicode (lone surrogates: the tokenizer would raise on them and stop the run), or with an id
+    that is not text/int."""
     skipped_duplicate_id: int = 0
     """Rows whose id was already kept earlier in the file (the first one wins)."""
     dropped_too_long: int = 0
@@ -153,13 +156,13 @@ def _record(number: int, row: Any, stats: DataStats) -> PromptRecord | None:
         stats.skipped_bad_json += 1
         return None
     problem = next((row[k] for k in PROMPT_KEYS if row.get(k) is not None), None)
-    if not isinstance(problem, str) or not problem.strip():
+    if not isinstance(problem, str) or not problem.strip() or not _valid_text(problem):
         stats.skipped_bad_prompt += 1
         return None
     raw_id = row.get("id")
     if raw_id is None:
         rid = str(number)
-    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and _valid_text(str(raw_id)):
         rid = str(raw_id)
     else:
         stats.skipped_bad_prompt += 1
@@ -170,7 +173,7 @@ def _record(number: int, row: Any, stats: DataStats) -> PromptRecord | None:
         return None
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
-    if not isinstance(answer, str):
+    if not isinstance(answer, str) or not _valid_text(answer):
         stats.skipped_bad_answer += 1
         return None
     if not answer.strip():
@@ -181,3 +184,12 @@ def _record(number: int, row: Any, stats: DataStats) -> PromptRecord | None:
         level = None
     return PromptRecord(id=rid, problem=problem, answer=answer,
                         level=None if level is None else str(level))
+
+
+def _valid_text(text: str) -> bool:
+    """Encodable as UTF-8: no lone surrogates (valid JSON can carry them, tokenizers refuse them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
