@@ -116,7 +116,8 @@ def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale=N
         elif gqa:  # older torch: K/V heads repeated (query head i reads kv head i // group)
             k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        return varlen_attn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), **kw)
+        q, k, v = (t.contiguous() for t in (q, k, v))  # v is a view into the fused QKV output
+        return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)  # no int(): may be symbolic
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, T, d]
     if backend == "loop":
         bounds = cu_seqlens.tolist()
