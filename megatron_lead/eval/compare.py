@@ -242,7 +242,10 @@ def run(args: argparse.Namespace) -> int:
     if args.heldout_per_level:
         heldout = _heldout_subset(heldout, args.heldout_per_level, args.out)
     bench = resolve(f"arith={heldout}", max_len=args.max_len)
-    ecfg = EvalConfig(models=[], benchmarks=[bench], out=os.path.join(args.out, "eval"), base=WARM)
+    # The runs' own rollout dtype (float32 in examples/arith/lead.yaml): vLLM's "auto" would run a
+    # float32 model in 16 bits on CPU, and the warm start would score differently than in the demo.
+    dtype = load_config(args.config, []).rollout.dtype
+    ecfg = EvalConfig(models=[], benchmarks=[bench], out=os.path.join(args.out, "eval"), base=WARM, dtype=dtype)
     t0 = time.perf_counter()
     print(f"[3/4] held-out evaluation of {len(specs)} models (greedy, {bench.path})", flush=True)
     rows = eval_cli.evaluate(ecfg, specs, args.eval_nproc)
