@@ -122,14 +122,14 @@ def _checkpoint_state(run_dir: str) -> dict:
 
 
 def kill_once(cmd: list[str], run_dir: str, log: str, mode: str, window: float, rng: random.Random,
-              steps: int) -> dict:
+              steps: int, save: int = 0) -> dict:
     """Start the trainer, SIGKILL its main process per `mode`; what the kill hit, orphans."""
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     started = time.monotonic()
     deadline = started + (rng.uniform(0.02, 1.0) * window if mode == "random" else window * 1.5)
     ckpts = os.path.join(run_dir, "checkpoints")
-    target = f".tmp_step_{rng.randint(1, steps):08d}"  # during_save: the save to kill
+    target = f".tmp_step_{save or rng.randint(1, steps):08d}"  # during_save: the save to kill
     hit = None
     while time.monotonic() < deadline and proc.poll() is None:
         if mode == "during_save" and os.path.isdir(os.path.join(ckpts, target)):
@@ -145,13 +145,15 @@ def kill_once(cmd: list[str], run_dir: str, log: str, mode: str, window: float, 
     state = _checkpoint_state(run_dir)
     time.sleep(5.0)
     orphans = [p for p in _session_pids(proc.pid) if p != proc.pid]
+    what = []
     for pid in orphans:  # only processes of the session this trial started
         try:
+            what.append(" ".join(open(f"/proc/{pid}/cmdline").read().split("\0"))[:100])
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (OSError, ProcessLookupError):
             pass
     return {"kill_s": round(at, 3), "finished_before_kill": finished_first, "hit": hit,
-            "orphans": len(orphans), **state}
+            "orphans": len(orphans), "orphan_cmdlines": what, **state}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="RL steps of each run (checkpoint after each)")
     p.add_argument("--out", required=True, help="output folder (work files, trials.jsonl, report.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kill-save", type=int, default=0,
+                   help="during_save: kill inside this step's checkpoint write (0: a random step's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per trainer run")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -191,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = os.path.join(args.out, f"trial_{n:03d}")
         shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.monotonic()
-        kill = kill_once(command(args.out, run_dir, args.steps, False), run_dir, log, mode, window, rng, args.steps)
+        kill = kill_once(command(args.out, run_dir, args.steps, False), run_dir, log, mode, window, rng, args.steps,
+                         args.kill_save)
         rc = run_to_end(command(args.out, run_dir, args.steps, True), log, args.timeout)
         got = metrics(run_dir)
         outcome = "resume_failed" if rc != 0 else ("exact" if got == ref else "differs")
