@@ -9,6 +9,7 @@ bounded time, naming the rank); and a run on a file with bad rows, whose summary
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -149,3 +150,14 @@ def test_bad_rows_are_counted_in_the_run_summary(work, tmp_path):
                                    skipped_bad_answer=0, skipped_bad_prompt=1, skipped_duplicate_id=1,
                                    dropped_too_long=1)
     assert summary["skips"] == {"skipped_updates": 0, "steps_with_skipped_updates": 0}
+
+
+def test_a_diverged_run_stops_after_consecutive_skipped_steps(work, tmp_path):
+    # lr 1e30: the first real update sends the weights to ~1e30, every later loss is NaN
+    run = tmp_path / "run"
+    message = _refused(train(work, str(run), "optim.lr=1e30", "ppo.max_consecutive_skipped_steps=2", steps=8),
+                       "2 consecutive steps skipped optimizer updates", "ppo.max_consecutive_skipped_steps=2")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train/skipped_updates"] > 0 for m in metrics[-2:]] == [True, True]
+    assert len(metrics) < 8 and f"stopping at step {metrics[-1]['step']}:" in message
+    assert all(math.isfinite(m["train/loss"]) for m in metrics[:-2])  # skipped, not trained on: logged as NaN
