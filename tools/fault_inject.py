@@ -11,7 +11,8 @@ every step so that kills often land inside a save:
 
   1. a reference run, uninterrupted (its wall time sets the kill window);
   2. per trial, a fresh run folder: start the trainer in its own session, SIGKILL its main
-     process -- `random`: at a uniform moment of the reference's wall time; `during_save`: as
+     process -- `random`: at a uniform moment of the reference's wall time (--window: a part of
+     it; a run spends its first ~40% starting up); `during_save`: as
      soon as the temp folder of a random step's checkpoint (.tmp_step_N) appears, plus 0-50 ms --, count the
      processes of its session still alive 5 s later (orphans; then killed), resume with
      --resume to the end, and compare metrics.jsonl with the reference's (timings excluded).
@@ -122,12 +123,12 @@ def _checkpoint_state(run_dir: str) -> dict:
 
 
 def kill_once(cmd: list[str], run_dir: str, log: str, mode: str, window: float, rng: random.Random,
-              steps: int, save: int = 0) -> dict:
+              steps: int, save: int = 0, lo: float = 0.02, hi: float = 1.0) -> dict:
     """Start the trainer, SIGKILL its main process per `mode`; what the kill hit, orphans."""
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     started = time.monotonic()
-    deadline = started + (rng.uniform(0.02, 1.0) * window if mode == "random" else window * 1.5)
+    deadline = started + (rng.uniform(lo, hi) * window if mode == "random" else window * 1.5)
     ckpts = os.path.join(run_dir, "checkpoints")
     target = f".tmp_step_{save or rng.randint(1, steps):08d}"  # during_save: the save to kill
     hit = None
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="RL steps of each run (checkpoint after each)")
     p.add_argument("--out", required=True, help="output folder (work files, trials.jsonl, report.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=float, nargs=2, default=(0.02, 1.0), metavar=("LO", "HI"),
+                   help="random: kill at a uniform moment in [LO, HI] x the reference's wall time")
     p.add_argument("--kill-save", type=int, default=0,
                    help="during_save: kill inside this step's checkpoint write (0: a random step's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per trainer run")
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.monotonic()
         kill = kill_once(command(args.out, run_dir, args.steps, False), run_dir, log, mode, window, rng, args.steps,
-                         args.kill_save)
+                         args.kill_save, *args.window)
         rc = run_to_end(command(args.out, run_dir, args.steps, True), log, args.timeout)
         got = metrics(run_dir)
         outcome = "resume_failed" if rc != 0 else ("exact" if got == ref else "differs")
