@@ -13,7 +13,9 @@ every step so that kills often land inside a save:
   2. per trial, a fresh run folder: start the trainer in its own session, SIGKILL its main
      process -- `random`: at a uniform moment of the reference's wall time (--window: a part of
      it; a run spends its first ~40% starting up); `during_save`: as
-     soon as the temp folder of a random step's checkpoint (.tmp_step_N) appears, plus 0-50 ms --, count the
+     soon as the temp folder of a random step's checkpoint (.tmp_step_N) appears, plus 0-50 ms;
+     `mid_run`: once step 0 is logged, at a uniform moment of the remaining steps (from the
+     reference's step time x 1.1, so some runs end first) --, count the
      processes of its session still alive 5 s later (orphans; then killed), resume with
      --resume to the end, and compare metrics.jsonl with the reference's (timings excluded).
 
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tiny model and tokenizer 
 # Wall times and throughputs: they differ between any two runs.
 NOISY = ("time/", "perf/", "rollout/sync_seconds", "rollout/sync_gb_per_s", "rollout/generate_seconds",
          "lead/compute_fraction")
-MODES = ("random", "during_save")
+MODES = ("random", "during_save", "mid_run")
 
 
 def prepare(work: str) -> None:
@@ -93,6 +95,13 @@ def run_to_end(cmd: list[str], log: str, timeout: float) -> int:
             return -999
 
 
+def step_seconds(run_dir: str) -> float:
+    """Mean wall time of a step of the run (its time/step_seconds)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        times = [json.loads(line)["time/step_seconds"] for line in f if line.strip()]
+    return sum(times) / len(times)
+
+
 def metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -123,12 +132,17 @@ def _checkpoint_state(run_dir: str) -> dict:
 
 
 def kill_once(cmd: list[str], run_dir: str, log: str, mode: str, window: float, rng: random.Random,
-              steps: int, save: int = 0, lo: float = 0.02, hi: float = 1.0) -> dict:
+              steps: int, save: int = 0, lo: float = 0.02, hi: float = 1.0, step_seconds: float = 0.0) -> dict:
     """Start the trainer, SIGKILL its main process per `mode`; what the kill hit, orphans."""
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     started = time.monotonic()
-    deadline = started + (rng.uniform(lo, hi) * window if mode == "random" else window * 1.5)
+    deadline = started + (rng.uniform(lo, hi) * window if mode == "random" else window * 3)
+    if mode == "mid_run":  # after step 0 is logged: a uniform moment of the remaining steps' time
+        metrics_file = os.path.join(run_dir, "metrics.jsonl")
+        while proc.poll() is None and time.monotonic() < deadline and not os.path.isfile(metrics_file):
+            time.sleep(0.01)
+        deadline = time.monotonic() + rng.uniform(0.0, 1.1) * step_seconds * (steps - 1)
     ckpts = os.path.join(run_dir, "checkpoints")
     target = f".tmp_step_{save or rng.randint(1, steps):08d}"  # during_save: the save to kill
     hit = None
@@ -160,8 +174,8 @@ def kill_once(cmd: list[str], run_dir: str, log: str, mode: str, window: float, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=50)
-    p.add_argument("--mode", choices=MODES + ("mixed",), default="mixed",
-                   help="mixed: alternate random and during_save")
+    p.add_argument("--mode", choices=MODES + ("mixed", "mid_mixed"), default="mixed",
+                   help="mixed: alternate random and during_save; mid_mixed: mid_run and during_save")
     p.add_argument("--steps", type=int, default=3, help="RL steps of each run (checkpoint after each)")
     p.add_argument("--out", required=True, help="output folder (work files, trials.jsonl, report.json)")
     p.add_argument("--seed", type=int, default=0)
@@ -194,12 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     trials_path = os.path.join(args.out, "trials.jsonl")
     done = sum(1 for _ in open(trials_path)) if os.path.isfile(trials_path) else 0
     for n in range(done, done + args.trials):
-        mode = args.mode if args.mode != "mixed" else MODES[n % 2]
+        cycle = {"mixed": MODES[:2], "mid_mixed": MODES[:0:-1]}.get(args.mode, (args.mode,))
+        mode = cycle[n % len(cycle)]
         run_dir = os.path.join(args.out, f"trial_{n:03d}")
         shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.monotonic()
         kill = kill_once(command(args.out, run_dir, args.steps, False), run_dir, log, mode, window, rng, args.steps,
-                         args.kill_save, *args.window)
+                         args.kill_save, *args.window, step_seconds=step_seconds(ref_dir))
         rc = run_to_end(command(args.out, run_dir, args.steps, True), log, args.timeout)
         got = metrics(run_dir)
         outcome = "resume_failed" if rc != 0 else ("exact" if got == ref else "differs")
