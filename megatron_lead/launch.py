@@ -66,6 +66,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float | N
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    reported: set[int] = set()
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while len(results) < world_size and not errors:
@@ -82,10 +83,18 @@ def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float | N
             if ok:
                 results[rank] = pickle.loads(value)
             else:
+                reported.add(rank)
                 errors.append(f"rank {rank} failed:\n{value}")
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 60)
+        # A rank that died silently (SIGKILL, out of memory) is the cause; the errors its peers
+        # report (a gloo "connection reset") are the consequence, and may arrive first.
+        silent = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results
+                  and r not in reported and not any(e.startswith(f"rank {r} died") for e in errors)]
+        if errors:
+            errors[:0] = [f"rank {r} died with exit code {procs[r].exitcode} without reporting" for r in silent]
+        for p in procs:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=10)

@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             message = lines[-1] if lines else str(e)
             first = lines[0] if lines else ""
-            if first.startswith("rank ") and first.endswith(" failed:") and len(lines) > 1:
+            if first.startswith("rank ") and " died with exit code " in first:
+                message = first  # the cause; what its peers then reported follows it
+            elif first.startswith("rank ") and first.endswith(" failed:") and len(lines) > 1:
                 message = f"{first[:-len(' failed:')]}: {message}"
             raise RuntimeError(message) from None
     print(f"done: {summary.get('steps_done', 0)} steps in {summary.get('wall_seconds', 0):.0f}s; "
