@@ -168,7 +168,8 @@ def markdown(table: list[dict]) -> str:
             return "-"
         scale = 100 if pct else 1
         text = (fmt.format(scale * m)) + ("%" if pct else "")
-        return text + (f" ± {fmt.format(scale * s)}" if s and r["seeds"] > 1 else "")
+        spread = fmt.replace("+", "").format(scale * s) if s else ""  # a spread has no sign
+        return text + (f" ± {spread}" if s and r["seeds"] > 1 else "")
 
     easy, hard = (table[0]["easy_level"], table[0]["hard_level"]) if table else ("", "")
     head = ["method", "seeds", "accuracy", "mean length", f"acc. level {easy}", f"len. level {easy}",
