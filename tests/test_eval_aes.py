@@ -1,5 +1,7 @@
 """AES and the accuracy/length aggregation against hand-computed values."""
 
+import json
+
 import pytest
 
 from megatron_lead.eval.aes import AESConstants, aes, summarise, summarise_by_level
@@ -54,3 +56,24 @@ def test_summary_per_level_in_numeric_order():
     assert levels["10"]["tokens_per_correct"] == pytest.approx(190.0)
     assert summarise([])["tokens_per_correct"] is None
     assert summarise([SAMPLES[2]])["tokens_per_correct"] is None  # nothing correct
+
+
+def test_compare_skips_a_finished_run_only_when_it_is_the_same_run(tmp_path):
+    from megatron_lead.eval.compare import IDENTITY_FILE, run_finished, run_identity
+
+    config, model = tmp_path / "lead.yaml", tmp_path / "warm"
+    config.write_text("seed: 0\n")
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    run = tmp_path / "runs" / "lead_s0"
+    (run / "hf").mkdir(parents=True)
+    (run / "hf" / "config.json").write_text("{}")
+    (run / "summary.json").write_text(json.dumps({"steps_done": 8}))
+    ident = run_identity(str(config), ["seed=0"], str(model))
+    (run / IDENTITY_FILE).write_text(json.dumps({"identity": ident}))
+    assert run_finished(str(run), 8, ident)
+    assert not run_finished(str(run), 9, ident) and run.is_dir()  # unfinished: kept, to resume
+    (model / "model.safetensors").write_bytes(b"weights v2")  # another warm start
+    other = run_identity(str(config), ["seed=0"], str(model))
+    assert other != ident and run_identity(str(config), ["seed=1"], str(model)) != other
+    assert not run_finished(str(run), 8, other) and not run.exists()  # deleted: neither skipped nor resumed

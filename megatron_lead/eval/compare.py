@@ -22,8 +22,11 @@ Every step is cached, so a second call only does what is missing (e.g. after add
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import time
 
@@ -88,7 +91,29 @@ def _overrides(args, method: str, seed: int, run_dir: str, model: str, train: st
             + [f"lead.{k}={v}" for k, v in lead.items()] + list(args.overrides))
 
 
-def run_finished(run_dir: str, steps: int) -> bool:
+IDENTITY_FILE = "compare_run.json"
+
+
+def run_identity(config: str, overrides: list[str], model: str) -> str:
+    """A hash of what a run depends on: its config file, its overrides and the warm start's weights."""
+    h = hashlib.sha256(json.dumps(overrides).encode())
+    for path in [config] + sorted(glob.glob(os.path.join(model, "*.safetensors"))):
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def run_finished(run_dir: str, steps: int, identity: str) -> bool:
+    """True for a run folder that finished `steps` steps of exactly this run. A folder of another
+    run (other settings, another warm start) is deleted, so it is neither skipped nor resumed."""
+    try:
+        with open(os.path.join(run_dir, IDENTITY_FILE)) as f:
+            same = json.load(f).get("identity") == identity
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return False
     path = os.path.join(run_dir, "summary.json")
     if not (os.path.isfile(path) and os.path.isfile(os.path.join(run_dir, "hf", "config.json"))):
         return False
@@ -226,11 +251,15 @@ def run(args: argparse.Namespace) -> int:
         run_dir = os.path.join(args.out, "runs", name)
         runs.setdefault(method, []).append(name)
         specs.append(f"{name}={run_dir}")
-        if run_finished(run_dir, args.steps):
+        overrides = _overrides(args, method, seed, run_dir, sft.out, paths["train"])
+        identity = run_identity(args.config, overrides, sft.out)
+        if run_finished(run_dir, args.steps, identity):
             print(f"[2/4] run {k}/{len(todo)} {name}: done before")
             continue
-        overrides = _overrides(args, method, seed, run_dir, sft.out, paths["train"])
         load_config(args.config, overrides).validate(world_size=1)  # a bad setting fails before any run
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, IDENTITY_FILE), "w") as f:
+            json.dump({"identity": identity, "overrides": overrides}, f, indent=2)
         t0 = time.perf_counter()
         print(f"[2/4] run {k}/{len(todo)} {name}: {args.steps} steps of {args.prompts_per_step} prompts x "
               f"{args.rollouts} rollouts", flush=True)
