@@ -128,20 +128,6 @@ def _config_json(path: str) -> dict:
     return config
 
 
-def _hf_tensors(path: str):
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: swapping weights into a running engine needs *.safetensors")
-    for f in files:
-        with safe_open(str(f), framework="pt") as reader:
-            for name in reader.keys():
-                yield name, reader.get_tensor(name)
-
-
 class _Engines:
     """One vLLM engine for a sequence of models: weights swapped when the architecture allows."""
 
@@ -151,12 +137,13 @@ class _Engines:
         self.starts, self.swaps = 0, 0
 
     def load(self, model: ModelSpec):
+        from megatron_lead.policy.convert.hf_io import iter_hf_folder
         from megatron_lead.rollout.engine import EngineConfig, RolloutEngine, on_cpu
         from megatron_lead.rollout.sync.reload import ReloadWeightSync
 
         config = _config_json(model.path)
         if self.engine is not None and on_cpu() and config == self.config:
-            ReloadWeightSync(self.engine).push(iter([list(_hf_tensors(model.path))]))
+            ReloadWeightSync(self.engine).push(iter([list(iter_hf_folder(model.path))]))
             self.swaps += 1
             return self.engine
         self.close()
