@@ -59,7 +59,10 @@ def test_summary_per_level_in_numeric_order():
 
 
 def test_compare_skips_a_finished_run_only_when_it_is_the_same_run(tmp_path):
-    from megatron_lead.eval.compare import IDENTITY_FILE, run_finished, run_identity
+    from megatron_lead.eval.compare import IDENTITY_FILE, inputs_digest, run_finished, run_identity
+
+    def run_identity_of(config, overrides, model):
+        return run_identity(inputs_digest(str(config), str(model)), overrides)
 
     config, model = tmp_path / "lead.yaml", tmp_path / "warm"
     config.write_text("seed: 0\n")
@@ -69,11 +72,11 @@ def test_compare_skips_a_finished_run_only_when_it_is_the_same_run(tmp_path):
     (run / "hf").mkdir(parents=True)
     (run / "hf" / "config.json").write_text("{}")
     (run / "summary.json").write_text(json.dumps({"steps_done": 8}))
-    ident = run_identity(str(config), ["seed=0"], str(model))
+    ident = run_identity_of(config, ["seed=0"], model)
     (run / IDENTITY_FILE).write_text(json.dumps({"identity": ident}))
     assert run_finished(str(run), 8, ident)
     assert not run_finished(str(run), 9, ident) and run.is_dir()  # unfinished: kept, to resume
     (model / "model.safetensors").write_bytes(b"weights v2")  # another warm start
-    other = run_identity(str(config), ["seed=0"], str(model))
-    assert other != ident and run_identity(str(config), ["seed=1"], str(model)) != other
+    other = run_identity_of(config, ["seed=0"], model)
+    assert other != ident and run_identity_of(config, ["seed=1"], model) != other
     assert not run_finished(str(run), 8, other) and not run.exists()  # deleted: neither skipped nor resumed

@@ -94,13 +94,18 @@ def _overrides(args, method: str, seed: int, run_dir: str, model: str, train: st
 IDENTITY_FILE = "compare_run.json"
 
 
-def run_identity(config: str, overrides: list[str], model: str) -> str:
-    """A hash of what a run depends on: its config file, its overrides and the warm start's weights."""
-    h = hashlib.sha256(json.dumps(overrides).encode())
+def inputs_digest(config: str, model: str) -> str:
+    """SHA-256 over the config file and the warm start's weights: what every run shares."""
+    h = hashlib.sha256()
     for path in [config] + sorted(glob.glob(os.path.join(model, "*.safetensors"))):
         with open(path, "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()
+
+
+def run_identity(inputs: str, overrides: list[str]) -> str:
+    """A hash of what a run depends on: `inputs` (`inputs_digest`) and its overrides."""
+    return hashlib.sha256((inputs + json.dumps(overrides)).encode()).hexdigest()
 
 
 def run_finished(run_dir: str, steps: int, identity: str) -> bool:
@@ -246,13 +251,14 @@ def run(args: argparse.Namespace) -> int:
     specs = [f"{WARM}={sft.out}"]
     timings = {}
     todo = [(m, s) for m in methods for s in range(args.seeds)]
+    inputs = inputs_digest(args.config, sft.out)  # hashed once, not once per run
     for k, (method, seed) in enumerate(todo, 1):
         name = f"{method}_s{seed}"
         run_dir = os.path.join(args.out, "runs", name)
         runs.setdefault(method, []).append(name)
         specs.append(f"{name}={run_dir}")
         overrides = _overrides(args, method, seed, run_dir, sft.out, paths["train"])
-        identity = run_identity(args.config, overrides, sft.out)
+        identity = run_identity(inputs, overrides)
         if run_finished(run_dir, args.steps, identity):
             print(f"[2/4] run {k}/{len(todo)} {name}: done before")
             continue
