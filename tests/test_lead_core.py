@@ -8,18 +8,9 @@ import pytest
 import torch
 
 import lead_reference as ref
+from lead_shards import shard_of
 from megatron_lead.lead import AdvantageComputer, LeadConfig, PSIController, RolloutShard, efficiency_reward
 from megatron_lead.lead.config import METHODS
-
-
-def shard_of(prompts):
-    """prompts: list of (lengths, correct) -> one shard holding the whole batch."""
-    idx, ls, cs = [], [], []
-    for q, (lengths, correct) in enumerate(prompts):
-        idx += [q] * len(lengths)
-        ls += list(lengths)
-        cs += [float(c) for c in correct]
-    return RolloutShard(prompt_index=idx, length=ls, score=cs, num_prompts=len(prompts))
 
 
 def per_prompt(result, prompts):

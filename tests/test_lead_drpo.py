@@ -7,19 +7,11 @@ import random
 import pytest
 import torch
 
+from lead_shards import shard_of
 from megatron_lead.launch import run_local
 from megatron_lead.lead import AdvantageComputer, LeadConfig, RolloutShard
 
 EPS = 1e-6  # group_std_eps
-
-
-def shard_of(prompts):
-    idx, ls, cs = [], [], []
-    for q, (lengths, correct) in enumerate(prompts):
-        idx += [q] * len(lengths)
-        ls += list(lengths)
-        cs += [float(c) for c in correct]
-    return RolloutShard(prompt_index=idx, length=ls, score=cs, num_prompts=len(prompts))
 
 
 def test_drpo_by_hand():
