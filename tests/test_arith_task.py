@@ -80,29 +80,79 @@ def test_answers_totals_and_every_equation_are_right(level):
         assert boxed(sol) == p["answer"]
 
 
-def test_each_step_starts_from_the_last_stated_chain():
+@pytest.mark.parametrize("slip", [0.0, 0.3])
+def test_each_step_starts_from_the_last_stated_chain(slip):
     """The copy rule that makes a slip in a redundant piece reach the answer: every step takes
-    the first operation of the most recently stated chain and states what is left."""
-    rng = random.Random(5)
+    the first operation of the most recently stated chain (a slipped total included) and states
+    what is left; every equation is right from the total it starts at."""
+    rng, slip_rng = random.Random(5), random.Random(6)
+    slipped_rows = 0
     for level in LEVELS:
         for _ in range(100):
             p = make_problem(rng, level)
-            stated, steps = p["problem"][:-2], 0  # the chain as last written: "7+3-5+2"
-            for kind, line in solution_parts(p, rng, 0.5):
+            stated, steps, off = p["problem"][:-2], 0, 0  # the chain as last written; slips so far
+            for kind, line in solution_parts(p, rng, 0.5, slip, slip_rng):
                 if kind == "step":
                     m = re.fullmatch(r"(\d+)([+-])(\d)=(\d+)(?:, now ([\d+-]+))?\.", line)
                     a, sign, d, c, rest = m.groups()
                     assert stated.startswith(f"{a}{sign}{d}") and not stated[len(a + sign + d):][:1].isdigit()
-                    assert [sign, int(d)] == p["ops"][steps] and int(c) == p["totals"][steps]
+                    assert [sign, int(d)] == p["ops"][steps] and int(c) == p["totals"][steps] + off
+                    assert int(c) == (int(a) + int(d) if sign == "+" else int(a) - int(d))
                     assert (rest or c) == c + stated[len(a + sign + d):]
                     stated, steps = rest or c, steps + 1
-                elif kind == "check":
-                    assert line.endswith(f"={p['totals'][steps - 1]}.")
-                elif kind == "restate":
-                    assert line == f"So far {stated}."
+                elif kind in ("check", "check_slip"):
+                    total = int(re.match(r"\d+", stated).group())
+                    got = int(line.rstrip(".").rsplit("=", 1)[1])
+                    assert (got == total) == (kind == "check") and abs(got - total) <= 1, line
+                    stated, off = str(got) + stated[len(str(total)):], off + got - total
+                elif kind in ("restate", "restate_slip"):
+                    body = line.removeprefix("So far ").rstrip(".")
+                    total = int(re.match(r"\d+", stated).group())
+                    got = int(re.match(r"\d+", body).group())
+                    assert body[len(str(got)):] == stated[len(str(total)):]  # the rest is copied
+                    assert (got == total) == (kind == "restate") and abs(got - total) <= 1, line
+                    stated, off = body, off + got - total
                 else:
-                    assert line == f"Answer: \\boxed{{{stated}}}" and stated == p["answer"]
+                    assert line == f"Answer: \\boxed{{{stated}}}" and int(stated) == int(p["answer"]) + off
             assert steps == level
+            slipped_rows += off != 0
+    assert (slipped_rows > 0) == (slip > 0)
+
+
+def test_slips_only_in_redundant_pieces_and_only_in_training_rows(splits):
+    """A slip states a total off by one inside a re-check or a restatement, never in a required
+    step; about `slip` of the redundant pieces slip; the held-out reference solutions never do,
+    and slips do not change which problems a split holds."""
+    train, heldout = splits
+    pieces = sum(r["solution"].count("Check:") + r["solution"].count("So far") for r in train)
+    slipped = [r for r in train if r["slips"]]
+    assert 0.03 < sum(r["slips"] for r in train) / pieces < 0.07  # DEFAULT_SLIP = 0.05
+    assert all(boxed(r["solution"]) != r["answer"] for r in slipped if r["slips"] == 1)
+    assert all(boxed(r["solution"]) == r["answer"] for r in train if not r["slips"])
+    assert all(boxed(r["solution"]) == r["answer"] and "slips" not in r for r in heldout)
+    clean, clean_heldout = make_splits(train_per_level=300, slip=0.0)
+    assert clean_heldout == heldout and [r["problem"] for r in clean] == [r["problem"] for r in train]
+    assert all(r["slips"] == 0 for r in clean)
+    # With the slipped pieces left out (the next step still reads its own start), a slipped
+    # solution's required steps are those of the clean solution from the slipped total on.
+    with pytest.raises(ValueError):
+        worked_solution("1+1=?", random.Random(0), 0.5, slip=0.5)  # no slip_rng
+    with pytest.raises(ValueError):
+        worked_solution("1+1=?", random.Random(0), 0.5, slip=1.5, slip_rng=random.Random(0))
+
+
+def test_hand_written_slip():
+    """redundancy 1, slip 1, slip_rng Random(0), whose draws are 0.844, 0.758, 0.421, 0.259,
+    0.511, 0.405, 0.784, 0.303 (happens, up) per piece: the check goes down (10 -> 9), the
+    restatement up from 9 (back to 10, a slip that cancels), then 5 -> 6 -> 7."""
+    parts = solution_parts("7+3-5=?", random.Random(0), 1.0, slip=1.0, slip_rng=random.Random(0))
+    assert parts == [("step", "7+3=10, now 10-5."), ("check_slip", "Check: 10-3=7, 7+3=9."),
+                     ("restate_slip", "So far 10-5."), ("step", "10-5=5."),
+                     ("check_slip", "Check: 5+5=10, 10-5=6."), ("restate_slip", "So far 7."),
+                     ("answer", "Answer: \\boxed{7}")]
+    # A slip is refused when a later total would leave 0..19: from 1, "1-1" allows only up.
+    parts = solution_parts("0+1-1=?", random.Random(0), 1.0, slip=1.0, slip_rng=random.Random(0))
+    assert parts[1] == ("check_slip", "Check: 1-1=0, 0+1=2.")
 
 
 def test_dropping_any_required_step_changes_the_result():

@@ -19,10 +19,17 @@ required, more of it for harder problems. So a worked solution has both kinds:
   a wrong re-computation) carries the slip into the answer, while a model that skips the pieces
   loses nothing. That is the error risk that makes correct rollouts shorter than wrong ones,
   which LEAD's target length then ratchets down.
+* Slips, in the training solutions only: each redundant piece states a running total off by one
+  with probability `slip` (DEFAULT_SLIP = 0.05), and the solution carries on from it to a wrong
+  answer. A model that has learnt the data's arithmetic exactly no longer slips by itself, so
+  without this its redundant pieces are harmless padding and LEAD shortens little (measured:
+  docs/RESULTS.md, items 11-12); with it the warm start learns a small chance to slip in a
+  re-check or restatement (never taken by greedy decoding, taken now and then when sampling),
+  as reasoning models' re-checks sometimes talk them out of a right answer.
 
 Running totals stay in 0..19 (no negatives, at most two digits), so the vocabulary is tiny and
-a 1M-parameter model can learn the task on a CPU in minutes (calibrated: 85% greedy accuracy at
-one step, 45% at six, after 4 CPU-minutes of SFT).
+a 1M-parameter model can learn the task on a CPU in minutes (measured: 1,200 packed SFT steps of
+32 solutions, 7 minutes on 2 cores, reach 98% greedy held-out accuracy, 89% at six steps).
 
 Prompt format: plain text `Q: {problem}\\nA: ` (`prompt_text`), no chat template. The trainer
 runs this task with data.use_chat_template=false and data.instruction="", so `PromptEncoder`
@@ -42,6 +49,8 @@ MAX_TOTAL = 19
 DIGITS = range(1, 10)
 """Operands; never 0, so that every step changes the total (dropping it changes the answer)."""
 DEFAULT_REDUNDANCY = 0.5
+DEFAULT_SLIP = 0.05
+"""Chance that a redundant piece of a training solution slips (states a total off by one)."""
 HELDOUT_FRACTION = 0.25
 """At most this share of a level's distinct problems is held out (level 1 has only 135)."""
 
@@ -96,15 +105,23 @@ def parse_problem(text: str) -> tuple[int, list[list]]:
     return start, ops
 
 
-def solution_parts(problem, rng: random.Random, redundancy: float = DEFAULT_REDUNDANCY
-                   ) -> list[tuple[str, str]]:
-    """The worked solution as (kind, line) pairs, kind in step / check / restate / answer.
+def solution_parts(problem, rng: random.Random, redundancy: float = DEFAULT_REDUNDANCY,
+                   slip: float = 0.0, slip_rng: random.Random | None = None) -> list[tuple[str, str]]:
+    """The worked solution as (kind, line) pairs, kind in step / check / restate / answer, or
+    check_slip / restate_slip for a redundant piece that slipped.
 
     `problem`: a `make_problem` dict or its text. After each step a re-check and then a
     restatement are added, each with probability `redundancy` (two rng draws per step, always
-    made, so the rng advances the same way whatever `redundancy` is)."""
+    made, so the rng advances the same way whatever `redundancy` is). Each redundant piece
+    slips with probability `slip` (draws from `slip_rng`, never from `rng`, so slips leave the
+    problems of a split unchanged): it states a running total off by one, and every later step
+    carries on from that total, so the answer is wrong."""
     if not 0.0 <= redundancy <= 1.0:
         raise ValueError(f"redundancy={redundancy} must be in [0, 1]")
+    if not 0.0 <= slip <= 1.0:
+        raise ValueError(f"slip={slip} must be in [0, 1]")
+    if slip > 0 and slip_rng is None:
+        raise ValueError("slip > 0 needs a slip_rng")
     text = problem["problem"] if isinstance(problem, dict) else problem
     total, ops = parse_problem(text)
     parts = []
@@ -115,18 +132,42 @@ def solution_parts(problem, rng: random.Random, redundancy: float = DEFAULT_REDU
         inv = "-" if sign == "+" else "+"
         check, restate = rng.random() < redundancy, rng.random() < redundancy
         if check:
-            parts.append(("check", f"Check: {new}{inv}{d}={total}, {total}{sign}{d}={new}."))
+            stated = _slipped(new, ops[i + 1:], slip, slip_rng)
+            parts.append(("check" if stated == new else "check_slip",
+                          f"Check: {new}{inv}{d}={total}, {total}{sign}{d}={stated}."))
+            new = stated
         if restate:
-            parts.append(("restate", f"So far {new}{rest}."))
+            stated = _slipped(new, ops[i + 1:], slip, slip_rng)
+            parts.append(("restate" if stated == new else "restate_slip", f"So far {stated}{rest}."))
+            new = stated
         total = new
     parts.append(("answer", f"Answer: \\boxed{{{total}}}"))
     return parts
 
 
-def worked_solution(problem, rng: random.Random, redundancy: float = DEFAULT_REDUNDANCY) -> str:
+def _slipped(total: int, rest: list, slip: float, slip_rng: random.Random | None) -> int:
+    """`total`, or (with probability `slip`) total +- 1 when every later running total stays in
+    0..MAX_TOTAL from there (two draws whenever slip > 0, whatever the outcome)."""
+    if slip <= 0:
+        return total
+    happens, up = slip_rng.random() < slip, slip_rng.random() < 0.5
+    if not happens:
+        return total
+    for wrong in ((total + 1, total - 1) if up else (total - 1, total + 1)):
+        t, ok = wrong, 0 <= wrong <= MAX_TOTAL
+        for sign, d in rest:
+            t = _apply(t, sign, d)
+            ok = ok and 0 <= t <= MAX_TOTAL
+        if ok:
+            return wrong
+    return total
+
+
+def worked_solution(problem, rng: random.Random, redundancy: float = DEFAULT_REDUNDANCY,
+                    slip: float = 0.0, slip_rng: random.Random | None = None) -> str:
     """The worked solution text: one line per part, the last one `Answer: \\boxed{N}` with no
     newline after it (EOS follows in SFT)."""
-    return "\n".join(line for _, line in solution_parts(problem, rng, redundancy))
+    return "\n".join(line for _, line in solution_parts(problem, rng, redundancy, slip, slip_rng))
 
 
 def count_problems(level: int) -> int:
@@ -143,20 +184,29 @@ def count_problems(level: int) -> int:
     return sum(ways)
 
 
-def _row(rid: str, p: dict, rng: random.Random, redundancy: float) -> dict:
-    return {"id": rid, "problem": prompt_text(p["problem"]), "answer": p["answer"],
-            "level": p["level"], "solution": worked_solution(p, rng, redundancy)}
+def _row(rid: str, p: dict, rng: random.Random, redundancy: float, slip: float = 0.0,
+         slip_rng: random.Random | None = None) -> dict:
+    parts = solution_parts(p, rng, redundancy, slip, slip_rng)
+    row = {"id": rid, "problem": prompt_text(p["problem"]), "answer": p["answer"], "level": p["level"],
+           "solution": "\n".join(line for _, line in parts)}
+    if slip_rng is not None:  # training rows: how many redundant pieces slipped (0 = the answer is right)
+        row["slips"] = sum(kind.endswith("_slip") for kind, _ in parts)
+    return row
 
 
 def make_splits(train_per_level: int = 2000, heldout_per_level: int = 100, seed: int = 1234,
                 redundancy: float = DEFAULT_REDUNDANCY, levels=LEVELS,
-                heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[dict], list[dict]]:
+                heldout_fraction: float = HELDOUT_FRACTION, slip: float = DEFAULT_SLIP
+                ) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows), deterministic for a seed.
 
     Held-out: per level, distinct problems, at most `heldout_fraction` of the level's problem
     space (level 1 has 135, so it holds 33), drawn from its own rng stream: it does not depend
-    on `train_per_level`. Train: per level, problems not in the held-out split, repeats allowed
-    (low levels have few distinct problems), each with its own redundancy draws."""
+    on `train_per_level`; its reference solutions never slip (the evaluation reads only the
+    problem and the answer). Train: per level, problems not in the held-out split, repeats
+    allowed (low levels have few distinct problems), each with its own redundancy draws, and
+    slips (probability `slip` per redundant piece) drawn from a third stream, so the problems
+    do not depend on `slip`."""
     train, heldout = [], []
     for level in levels:
         rng = random.Random(f"arith/heldout/{seed}/{level}")  # str seeds are stable across runs
@@ -168,11 +218,12 @@ def make_splits(train_per_level: int = 2000, heldout_per_level: int = 100, seed:
                 seen.add(p["problem"])
                 heldout.append(_row(f"heldout-{level}-{len(seen) - 1:04d}", p, rng, redundancy))
         rng = random.Random(f"arith/train/{seed}/{level}")
+        slip_rng = random.Random(f"arith/slip/{seed}/{level}")
         count = 0
         while count < train_per_level:
             p = make_problem(rng, level)
             if p["problem"] not in seen:
-                train.append(_row(f"train-{level}-{count:05d}", p, rng, redundancy))
+                train.append(_row(f"train-{level}-{count:05d}", p, rng, redundancy, slip, slip_rng))
                 count += 1
     return train, heldout
 
@@ -185,7 +236,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 def write_splits(out_dir, train_per_level: int = 2000, heldout_per_level: int = 100,
                  seed: int = 1234, redundancy: float = DEFAULT_REDUNDANCY, **kw) -> dict:
     """Write train.jsonl and heldout.jsonl (lines {"id", "problem", "answer", "level",
-    "solution"}) into `out_dir`; returns {"train": path, "heldout": path}. With the defaults the
+    "solution"}, and "slips" in train.jsonl) into `out_dir`; returns {"train": path, "heldout": path}. With the defaults the
     held-out file equals the committed examples/arith/heldout.jsonl byte for byte."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     elif is_done(sft):
         print(f"[1/4] warm start: cached in {sft.out}")
     else:
-        print(f"[1/4] warm start: {sft.steps} SFT steps (the demo's; about 4-6 minutes on 2 cores)")
+        print(f"[1/4] warm start: {sft.steps} SFT steps (the demo's; about 7 minutes on 2 cores)")
         run_local(_sft_rank, 1, sft, timeout=None)
 
     # 2. One training run per method and seed, each in its own process.

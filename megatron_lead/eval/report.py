@@ -73,7 +73,10 @@ def plot(run_dir: str, out_png: str | None = None) -> str:
         ax.set_xticks(list(x), levels)
         ax.set_xlabel("level")
         ax.set_title(f"held-out {label}")
-        ax.legend()
+        if key == "accuracy":  # room above the bars for the legend
+            ax.set_ylim(0, 1.25)
+            ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.legend(loc="upper left", ncol=2)
     s = [m["step"] for m in steps]
     ax = axes[1][0]
     ax.plot(s, [m.get("reward/correct_mean", float("nan")) for m in steps], label="accuracy (rollouts)")

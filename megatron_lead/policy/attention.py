@@ -7,9 +7,13 @@ Qwen2.5-1.5B shape at seq 4096: 2x the training throughput of the local spec, at
 Packed sequences (policy/packing.py: Megatron's PackedSeqParams, qkv_format "thd") need
 attention within each sequence only, without Transformer Engine. `packed_attention` picks:
   varlen  torch.nn.attention.varlen.varlen_attn (flash varlen; CUDA, fp16/bf16): no mask, no padding
-  loop    one causal SDPA call per sequence (exact everywhere; the GPU fallback when varlen is
-          missing: flash kernels, one host sync for the boundaries)
-  mask    one SDPA call over the pack with a block-diagonal causal mask (CPU; [T, T] booleans)
+  loop    one causal SDPA call per sequence (exact everywhere; the CPU default, and the GPU
+          fallback when varlen is missing: flash kernels, one host sync for the boundaries)
+  mask    one SDPA call over the pack with a block-diagonal causal mask ([T, T] booleans; no
+          host sync, but its cost grows with T^2: on the 2-core CPU an SFT step of 32 packed
+          task rows took 0.71 s in packs of 2,048 tokens and 1.52 s in packs of 8,192, against
+          0.33 s with `loop` and 0.68 s right-padded; docs/BENCHMARKS.md). Used on CPU inside
+          torch.compile, where the loop's host read of the boundaries would break the graph
 MEGATRON_LEAD_PACKED_ATTENTION=varlen|loop|mask overrides the choice (tests, GPU checks).
 """
 
@@ -94,7 +98,8 @@ def packed_backend(query: torch.Tensor) -> str:
     if query.is_cuda:
         half = query.dtype in (torch.float16, torch.bfloat16)
         return "varlen" if half and _varlen_fn() is not None else "loop"
-    return "mask"
+    # Compiled CPU layers keep the mask: the loop reads the boundaries on the host (a graph break).
+    return "mask" if torch.compiler.is_compiling() else "loop"
 
 
 def packed_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale=None,

@@ -1,7 +1,7 @@
 """`megatron-lead sft`: supervised warm start through Megatron (next-token loss on the responses).
 
     megatron-lead sft --data train.jsonl --model-config config.json --tokenizer TOK/ --out model/
-        [--init-from HF/] [--steps 600] [--batch-size 64] [--lr 3e-3] [--nproc N]
+        [--init-from HF/] [--steps 600] [--batch-size 64] [--lr 3e-3] [--pack-max-tokens 0] [--nproc N]
 
 Data lines `{"problem": prompt text, "solution": response text}`; the loss is the token-mean
 negative log-likelihood of the response tokens and the EOS after them (the prompt is context
@@ -51,6 +51,10 @@ class SFTConfig:
     warmup_steps: int = 30
     seed: int = 0
     log_every: int = 50
+    pack_max_tokens: int = 0
+    """> 0: each step's rows are packed back to back (no padding) into micro-batches of at most
+    this many tokens, attention kept within each row (policy/packing.py); micro_batch_size is
+    then unused. 0: right-padded micro-batches of micro_batch_size rows."""
 
 
 def _inputs_hash(cfg: SFTConfig) -> str:
@@ -103,10 +107,32 @@ def _batch(examples, rows: list[int], pad_id: int):
     return tokens, mask
 
 
+def _micro_batches(cfg: SFTConfig, examples, rows: list[int], pad_id: int) -> list[dict]:
+    """This rank's rows as padded micro-batches, or packed ones (cfg.pack_max_tokens)."""
+    tokens, mask = _batch(examples, rows, pad_id)
+    if cfg.pack_max_tokens > 0:
+        from megatron_lead.policy.packing import pack_micro_batches
+
+        lengths = torch.tensor([len(examples[i][0]) for i in rows])
+        packs = pack_micro_batches(max_tokens=cfg.pack_max_tokens, lengths=lengths, tokens=tokens,
+                                   response_mask=mask, advantages=torch.zeros(len(rows)))
+        return [{k: v for k, v in p.as_dict().items() if k in _PACK_KEYS} for p in packs]
+    return [{"tokens": tokens[i:i + cfg.micro_batch_size], "response_mask": mask[i:i + cfg.micro_batch_size]}
+            for i in range(0, len(rows), cfg.micro_batch_size)]
+
+
+_PACK_KEYS = ("tokens", "positions", "cu_seqlens", "max_seqlen", "response_mask")
+
+
 def _nll_loss(logits, batch):
     from megatron_lead.policy.logprobs import sequence_logprobs
+    from megatron_lead.policy.packing import packed_sequence_logprobs
 
-    logp, _ = sequence_logprobs(logits, batch["tokens"].to(logits.device))
+    tokens = batch["tokens"].to(logits.device)
+    if "cu_seqlens" in batch:  # a pack: no prediction across the boundary of two rows
+        logp, _ = packed_sequence_logprobs(logits, tokens, batch["cu_seqlens"])
+    else:
+        logp, _ = sequence_logprobs(logits, tokens)
     mask = batch["response_mask"].to(logits.device)
     nll = -torch.where(mask, logp, 0.0).sum()
     count = mask.sum().to(torch.int)
@@ -141,7 +167,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
         raise ValueError("sft: give exactly one of --model-config (from scratch) and --init-from (an HF folder)")
     init_parallel(1, 1, seed=cfg.seed)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    if cfg.batch_size % (dp * cfg.micro_batch_size):
+    if cfg.batch_size % (dp * (1 if cfg.pack_max_tokens > 0 else cfg.micro_batch_size)):
         raise ValueError(f"sft: batch_size {cfg.batch_size} does not split into {dp} rank(s) x "
                          f"micro_batch_size {cfg.micro_batch_size}")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
@@ -168,9 +194,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     for step in range(cfg.steps):
         rows = torch.randint(len(examples), (cfg.batch_size,), generator=gen).tolist()
         mine = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        tokens, mask = _batch(examples, mine, pad_id)
-        micro = [{"tokens": tokens[i:i + cfg.micro_batch_size], "response_mask": mask[i:i + cfg.micro_batch_size]}
-                 for i in range(0, per_rank, cfg.micro_batch_size)]
+        micro = _micro_batches(cfg, examples, mine, pad_id)
         for chunk in model:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -213,7 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", help="HF config.json: train from scratch")
     p.add_argument("--init-from", help="HF folder to start from")
     for name, kind in (("steps", int), ("batch-size", int), ("micro-batch-size", int), ("lr", float),
-                       ("warmup-steps", int), ("seed", int)):
+                       ("warmup-steps", int), ("seed", int), ("pack-max-tokens", int)):
         p.add_argument(f"--{name}", type=kind, default=getattr(SFTConfig, name.replace("-", "_")))
     p.add_argument("--nproc", type=int, default=1, help="local data-parallel processes (CPU)")
     p.add_argument("--force", action="store_true", help="train even if --out holds this exact run")
@@ -227,7 +251,7 @@ def config_from_args(args) -> SFTConfig:
     return SFTConfig(data=args.data, tokenizer=args.tokenizer, out=args.out, model_config=args.model_config,
                      init_from=args.init_from, steps=args.steps, batch_size=args.batch_size,
                      micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                     seed=args.seed)
+                     seed=args.seed, pack_max_tokens=args.pack_max_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
