@@ -9,7 +9,8 @@ cumulative lengths). Megatron then
     pack at `cu_seqlens`), so a packed row sees exactly the positions of its padded twin;
   - hands the core attention q [T, heads, d] and k/v [T, kv_heads, d] with the same parameters:
     our `SDPACoreAttention` (policy/attention.py) attends within each sequence only (flash varlen
-    on GPU, a block-diagonal causal mask on CPU); Transformer Engine's attention does it natively.
+    on GPU, one causal SDPA call per sequence on CPU); Transformer Engine's attention does it
+    natively.
 
 Micro-batches can be sized by tokens (`max_tokens`): consecutive rows are packed while their
 total length fits, so every forward does about the same work whatever the lengths. The loss is
