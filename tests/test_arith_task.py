@@ -133,8 +133,6 @@ def test_slips_only_in_redundant_pieces_and_only_in_training_rows(splits):
     clean, clean_heldout = make_splits(train_per_level=300, slip=0.0)
     assert clean_heldout == heldout and [r["problem"] for r in clean] == [r["problem"] for r in train]
     assert all(r["slips"] == 0 for r in clean)
-    # With the slipped pieces left out (the next step still reads its own start), a slipped
-    # solution's required steps are those of the clean solution from the slipped total on.
     with pytest.raises(ValueError):
         worked_solution("1+1=?", random.Random(0), 0.5, slip=0.5)  # no slip_rng
     with pytest.raises(ValueError):

@@ -236,8 +236,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 def write_splits(out_dir, train_per_level: int = 2000, heldout_per_level: int = 100,
                  seed: int = 1234, redundancy: float = DEFAULT_REDUNDANCY, **kw) -> dict:
     """Write train.jsonl and heldout.jsonl (lines {"id", "problem", "answer", "level",
-    "solution"}, and "slips" in train.jsonl) into `out_dir`; returns {"train": path, "heldout": path}. With the defaults the
-    held-out file equals the committed examples/arith/heldout.jsonl byte for byte."""
+    "solution"}, and "slips" in train.jsonl) into `out_dir`; returns {"train": path, "heldout":
+    path}. With the defaults the held-out file equals the committed
+    examples/arith/heldout.jsonl byte for byte."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, heldout = make_splits(train_per_level, heldout_per_level, seed, redundancy, **kw)

@@ -53,8 +53,8 @@ class PackedMicroBatch:
     """Width s of the source batch (unpack returns [n, width])."""
     response_mask: torch.Tensor
     """[1, T] bool."""
-    advantages: torch.Tensor
-    """[1, T] float (a per-rollout advantage is broadcast to its tokens)."""
+    advantages: torch.Tensor | None = None
+    """[1, T] float (a per-rollout advantage is broadcast to its tokens), or None (SFT)."""
     old_logprobs: torch.Tensor | None = None
     """[1, T] or None."""
     ref_logprobs: torch.Tensor | None = None
@@ -104,7 +104,7 @@ def pack_micro_batches(micro_batch_size: int = 1, max_tokens: int = 0, lengths: 
     """Packed counterpart of train_step.split_micro_batches (the same keyword tensors).
 
     tokens / response_mask / old_logprobs / ref_logprobs: [B, s], right-padded; advantages: [B, s]
-    or [B]. lengths: [B] tokens per row (default: row_lengths(response_mask)). Rows are grouped by
+    or [B] (optional, like old_logprobs and ref_logprobs: SFT has none). lengths: [B] tokens per row (default: row_lengths(response_mask)). Rows are grouped by
     group_rows(micro_batch_size, max_tokens), in order.
     """
     tokens, mask = tensors["tokens"], tensors["response_mask"]
@@ -113,22 +113,21 @@ def pack_micro_batches(micro_batch_size: int = 1, max_tokens: int = 0, lengths: 
     width = tokens.size(1)
     if any(n < 1 or n > width for n in lengths):
         raise ValueError(f"row lengths must be in 1..{width}, got {lengths}")
-    adv = tensors["advantages"]
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(1).expand(-1, width)
+    adv = tensors.get("advantages")
+    if adv is not None and adv.dim() == 1:
+        tensors = {**tensors, "advantages": adv.unsqueeze(1).expand(-1, width)}
     out = []
     for rows in group_rows(lengths, micro_batch_size, max_tokens):
         lens = [lengths[r] for r in rows]
         cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lens).cumsum(0)
         opt = {k: None if tensors.get(k) is None else _pack_rows(tensors[k], rows, lens)
-               for k in ("old_logprobs", "ref_logprobs")}
+               for k in ("advantages", "old_logprobs", "ref_logprobs")}
         out.append(PackedMicroBatch(
             tokens=_pack_rows(tokens, rows, lens),
             positions=torch.cat([torch.arange(n) for n in lens]).unsqueeze(0),
             cu_seqlens=cu, max_seqlen=max(lens), rows=list(rows), width=width,
-            response_mask=_pack_rows(mask.bool(), rows, lens),
-            advantages=_pack_rows(adv, rows, lens), **opt))
+            response_mask=_pack_rows(mask.bool(), rows, lens), **opt))
     return out
 
 

@@ -113,15 +113,11 @@ def _micro_batches(cfg: SFTConfig, examples, rows: list[int], pad_id: int) -> li
     if cfg.pack_max_tokens > 0:
         from megatron_lead.policy.packing import pack_micro_batches
 
-        lengths = torch.tensor([len(examples[i][0]) for i in rows])
-        packs = pack_micro_batches(max_tokens=cfg.pack_max_tokens, lengths=lengths, tokens=tokens,
-                                   response_mask=mask, advantages=torch.zeros(len(rows)))
-        return [{k: v for k, v in p.as_dict().items() if k in _PACK_KEYS} for p in packs]
+        # A row's length is up to its last response token, the EOS: its whole text.
+        packs = pack_micro_batches(max_tokens=cfg.pack_max_tokens, tokens=tokens, response_mask=mask)
+        return [p.as_dict() for p in packs]
     return [{"tokens": tokens[i:i + cfg.micro_batch_size], "response_mask": mask[i:i + cfg.micro_batch_size]}
             for i in range(0, len(rows), cfg.micro_batch_size)]
-
-
-_PACK_KEYS = ("tokens", "positions", "cu_seqlens", "max_seqlen", "response_mask")
 
 
 def _nll_loss(logits, batch):
@@ -167,9 +163,10 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
         raise ValueError("sft: give exactly one of --model-config (from scratch) and --init-from (an HF folder)")
     init_parallel(1, 1, seed=cfg.seed)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    if cfg.batch_size % (dp * (1 if cfg.pack_max_tokens > 0 else cfg.micro_batch_size)):
+    rows_per_micro = 1 if cfg.pack_max_tokens > 0 else cfg.micro_batch_size  # packs are sized in tokens
+    if cfg.batch_size % (dp * rows_per_micro):
         raise ValueError(f"sft: batch_size {cfg.batch_size} does not split into {dp} rank(s) x "
-                         f"micro_batch_size {cfg.micro_batch_size}")
+                         + (f"micro_batch_size {cfg.micro_batch_size}" if rows_per_micro > 1 else "packs"))
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
     examples = _examples(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
