@@ -17,7 +17,13 @@ nothing else; on a machine with CUDA it does nothing. The redirects:
    returning the tensor unchanged.
 6. Optimizers: `FP32Optimizer.__init__` and `MixedPrecisionOptimizer.__init__` create their
    loss-scale tensors on "cuda": they run under the same torch-function mode as (4).
-7. Grad norm and clipping (`optimizer.clip_grads`, also as imported into `optimizer.optimizer`):
+7. The mixed-precision and distributed optimizers (`Float16OptimizerWithFloat16Params`,
+   `DistributedOptimizer`) sort their params by `param.type()` against the strings
+   "torch.cuda.FloatTensor" / "torch.cuda.BFloat16Tensor" / "torch.cuda.HalfTensor" and raise on
+   anything else: their `__init__` runs with `Tensor.type()` (no argument) answering the CUDA name
+   of a CPU tensor's type. With that, bf16 params with fp32 main params, and the distributed
+   optimizer's reduce-scatter / all-gather over gloo, run on CPU (tests: offload, checkpoints).
+8. Grad norm and clipping (`optimizer.clip_grads`, also as imported into `optimizer.optimizer`):
    `get_grad_norm_fp32` and `count_zeros_fp32` run under that mode; `clip_grad_by_total_norm_fp32`
    (which asserts `torch.cuda.FloatTensor` grads) is replaced by the same formula on CPU tensors.
 
@@ -25,7 +31,8 @@ What the caller must still set on CPU (config, not patches; `policy.model.build_
 dropout off (attention_dropout = hidden_dropout = 0), `use_cpu_initialization=True`, no fused
 kernels (rope/bias-dropout/softmax/gradient-accumulation fusion off), and an explicit attention
 mask when Megatron's own DotProductAttention is used (our SDPA core attention needs none).
-The distributed optimizer is not made to work on CPU (use_distributed_optimizer=False there).
+bf16 and the distributed optimizer are off by default on CPU (`OptimConfig`), and allowed there
+for the tests that check the GPU's configuration (offload, checkpoint formats, bf16 ratios).
 """
 
 from __future__ import annotations
@@ -59,6 +66,32 @@ def _run_with_cuda_device_on_cpu(fn):
     def wrapper(*args, **kwargs):
         with _CudaDeviceToCpu():
             return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _tensor_type_answers_cuda():
+    original = torch.Tensor.type
+
+    def cuda_type(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if not args and not kwargs and name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    torch.Tensor.type = cuda_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _init_with_cuda_type_names(init):
+    @functools.wraps(init)
+    def wrapper(*args, **kwargs):
+        with _tensor_type_answers_cuda():
+            return init(*args, **kwargs)
 
     return wrapper
 
@@ -126,10 +159,12 @@ def apply() -> bool:
 
     language_module.LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
 
-    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
     for cls in (optimizer.FP32Optimizer, optimizer.MixedPrecisionOptimizer):
         cls.__init__ = _run_with_cuda_device_on_cpu(cls.__init__)
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _init_with_cuda_type_names(cls.__init__)
     grad_norm = _run_with_cuda_device_on_cpu(clip_grads.get_grad_norm_fp32)
     count_zeros = _run_with_cuda_device_on_cpu(clip_grads.count_zeros_fp32)
     for module in (clip_grads, optimizer):  # optimizer.py imported the functions by name
