@@ -3,6 +3,12 @@
 Used by the replay tool's `--ranks N`, the multi-process tests, and CPU runs of the trainer
 without torchrun. Each rank's return value comes back to the caller, in rank order; an
 exception on any rank is re-raised here with that rank's traceback text.
+
+CPU only: the ranks set no CUDA device and join a gloo group, so on a machine with CUDA every
+rank would put its model on cuda:0 and reduce GPU tensors through gloo. There, more than one
+rank is refused with a line that names torchrun, which gives each rank its LOCAL_RANK device and
+NCCL (`policy.parallel.init_parallel`); `cpu_only=True` lets functions that never touch CUDA
+(the replay's math) run anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import tempfile
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -45,15 +52,28 @@ def _worker(rank: int, world_size: int, port: int, store: str, fn: Callable, arg
             dist.destroy_process_group()
 
 
-def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float | None = 600.0) -> list:
+def refuse_on_cuda(world_size: int) -> None:
+    """ValueError when `world_size` > 1 local ranks would share cuda:0 (see the module docstring)."""
+    if world_size > 1 and torch.cuda.is_available():
+        raise ValueError(f"{world_size} local ranks (a CPU gloo group) would all use cuda:0: on a machine with "
+                         f"CUDA start them with torchrun --nproc-per-node {world_size} -m megatron_lead.cli COMMAND ...")
+
+
+def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float | None = 600.0,
+              cpu_only: bool = False) -> list:
     """Call fn(rank, world_size, *args) on `world_size` processes; return the results by rank.
 
     fn must be importable at module level (spawned processes re-import it). timeout: seconds for
     the whole run (None: no limit). A rank that dies without reporting (killed, out of memory)
     fails the run within seconds, naming the rank; the other ranks are then terminated.
+    cpu_only: fn never touches CUDA, so several ranks are fine on a machine with GPUs; otherwise
+    more than one rank there is refused before any process starts (`refuse_on_cuda`).
     """
     import queue as queue_module
     import time
+
+    if not cpu_only:
+        refuse_on_cuda(world_size)
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

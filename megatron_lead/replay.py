@@ -149,7 +149,7 @@ def replay(steps: list[dict], cfg, ranks: int = 1, split_seed: int = 0) -> list[
     else:
         from .launch import run_local
 
-        per_rank = run_local(replay_rank, ranks, steps, asdict(cfg), split_seed)
+        per_rank = run_local(replay_rank, ranks, steps, asdict(cfg), split_seed, cpu_only=True)  # CPU math
 
     return merge_ranks(steps, per_rank)
 

@@ -51,7 +51,7 @@ def main() -> None:
         t0 = time.perf_counter()
         comp(shard)
         times.append((time.perf_counter() - t0) * 1e3)
-    calls = run_local(_count_collectives, 2, args.prompts, args.group, args.method)[0]
+    calls = run_local(_count_collectives, 2, args.prompts, args.group, args.method, cpu_only=True)[0]
     print(f"method={args.method} prompts={args.prompts} group={args.group} rollouts={args.prompts * args.group} "
           f"threads=1: median {statistics.median(times):.2f} ms, min {min(times):.2f} ms, "
           f"max {max(times):.2f} ms over {args.repeats} steps; collectives per step (2 ranks): {int(calls)}")
