@@ -159,6 +159,22 @@ def _record_first_rotary_query(layers: int):
     return seen
 
 
+def _rows(batches, key: str, width: int) -> torch.Tensor:
+    """A micro-batch field of every row, in row order, as [rows, width] (packs unpacked)."""
+    out = []
+    for mbs in batches:
+        part = {}
+        for mb in mbs:
+            values = getattr(mb, key)
+            if hasattr(mb, "cu_seqlens"):
+                part.update(zip(mb.rows, unpack(values, mb.cu_seqlens, mb.width)))
+            else:
+                base = len(part)
+                part.update({base + i: v for i, v in enumerate(values)})
+        out += [torch.nn.functional.pad(part[i], (0, width - part[i].numel())) for i in range(len(part))]
+    return torch.stack(out)
+
+
 def _trainer_path(rank):
     """trainer.ppo's phases with ppo.pack_sequences / max_tokens_per_micro_batch on and off."""
     from types import SimpleNamespace
@@ -168,8 +184,7 @@ def _trainer_path(rank):
     from megatron_lead.policy.optim import OptimConfig, build_optimizer, wrap_ddp
     from megatron_lead.policy.parallel import destroy_parallel, init_parallel
     from megatron_lead.policy.reference import ReferenceWeights
-    from megatron_lead.policy.train_step import forward_logprobs, make_micro_batches
-    from megatron_lead.trainer.ppo import ppo_update, reference_pass
+    from megatron_lead.trainer.ppo import mini_batches, old_logprob_pass, ppo_update, reference_pass
 
     init_parallel(1, 1, seed=7)
     cfg = OptimConfig(optimizer="sgd", sgd_momentum=0.0, lr=0.5, weight_decay=0.0, clip_grad=0.0)
@@ -192,13 +207,16 @@ def _trainer_path(rank):
     for name, packing in (("padded", {}), ("packed", dict(pack=True, max_tokens=21))):
         calls.clear()
         optimizer, scheduler = build_optimizer(model, cfg)
-        old = torch.cat(forward_logprobs(model, make_micro_batches(2, tokens=tokens, response_mask=mask,
-                                                                   advantages=adv, **packing)))
-        batch = SimpleNamespace(tokens=tokens, response_mask=mask, old_logprobs=old + old_offset)
-        ref = reference_pass(model, reference, batch, 2, TEMPERATURE, **packing)
-        metrics = ppo_update(model, optimizer, scheduler, batch, adv, ref + 0.2,
-                             LossConfig(temperature=TEMPERATURE), 2, 1, 2, **packing)
-        out[name] = dict(old=old, ref=ref, metrics=metrics, pack_calls=len(calls))
+        batch = SimpleNamespace(tokens=tokens, response_mask=mask, rollout_logprobs=torch.zeros(tokens.shape))
+        batches = mini_batches(batch, adv, 2, 2, **packing)
+        old_logprob_pass(model, batches, TEMPERATURE)
+        reference_pass(model, reference, batches, TEMPERATURE)
+        for mb in (mb for mbs in batches for mb in mbs):
+            mb.ref_logprobs = mb.ref_logprobs + 0.2  # a KL term with a gradient
+        rows = {key: _rows(batches, key, tokens.size(1)) for key in ("old_logprobs", "ref_logprobs")}
+        metrics = ppo_update(model, optimizer, scheduler, batches, LossConfig(temperature=TEMPERATURE), 1)
+        out[name] = dict(old=rows["old_logprobs"], ref=rows["ref_logprobs"] - 0.2, metrics=metrics,
+                         pack_calls=len(calls))
         with torch.no_grad():
             for p, s in zip(params, start):
                 p.copy_(s)
@@ -259,7 +277,8 @@ def test_packed_equals_padded(layouts, layout):
 def test_trainer_ppo_phases_packed_equal_padded(layouts):
     got = layouts[0]["trainer"]
     pad, pack = got["padded"], got["packed"]
-    assert (pad["pack_calls"], pack["pack_calls"]) == (0, 4)  # old, reference, 2 mini-batches
+    # One packing per mini-batch, shared by the old-log-prob, reference and update passes.
+    assert (pad["pack_calls"], pack["pack_calls"]) == (0, 2)
     lengths = [p + r for p, r in ROWS[:4]]
     for key in ("old", "ref"):
         for i, n in enumerate(lengths):

@@ -1,11 +1,20 @@
-"""The vLLM rollout engine on CPU, for real: greedy/sampled outputs and log-probs against HF."""
+"""The vLLM rollout engine on CPU, for real: greedy/sampled outputs and log-probs against HF;
+what it sets in vLLM for GPUs (sleep level, wake-up tags, model runner) and what it leaves of
+vLLM's process-wide settings."""
 
 from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
 
 import psutil
 import pytest
 import torch
 
+from megatron_lead.rollout import engine as engine_module
 from megatron_lead.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
 from megatron_lead.rollout.metrics import logprob_diff
 from rollout_tiny import ENGINE_ARGS, hf_greedy, hf_logprobs, prompts, save_tiny_qwen2
@@ -23,6 +32,83 @@ def hf_model(model_dir):
     import transformers
 
     return transformers.Qwen2ForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+
+class _RecordingLLM:
+    """Stands in for vllm.LLM: records sleep / wake_up calls, bound to the real methods'
+    signatures (so a misspelt or dropped argument fails here as it would in vLLM)."""
+
+    def __init__(self):
+        engine_module.import_vllm()  # as the engine does: a bare import would keep vLLM's threads=1
+        from vllm import LLM
+
+        self.signatures = {name: inspect.signature(getattr(LLM, name)) for name in ("sleep", "wake_up")}
+        self.calls = []
+
+    def _record(self, name, *args, **kwargs):
+        bound = self.signatures[name].bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        self.calls.append((name, {k: v for k, v in bound.arguments.items() if k != "self"}))
+
+    def sleep(self, *args, **kwargs):
+        self._record("sleep", *args, **kwargs)
+
+    def wake_up(self, *args, **kwargs):
+        self._record("wake_up", *args, **kwargs)
+
+
+def test_gpu_sleep_is_level_2_and_wake_up_passes_tags(monkeypatch):
+    engine = RolloutEngine.__new__(RolloutEngine)  # no vLLM start: only the calls matter here
+    engine.config = EngineConfig(model_path="unused")
+    engine.llm = _RecordingLLM()
+    monkeypatch.setattr(engine_module, "on_cpu", lambda: False)
+    # The step's order: sleep for training; weights back, sync, then the KV cache.
+    engine.sleep()
+    engine.wake_up(["weights"])
+    engine.wake_up(["kv_cache"])
+    engine.sleep()
+    engine.wake_up()  # untagged: everything
+    assert engine.llm.calls == [
+        ("sleep", {"level": 2, "mode": "abort"}),
+        ("wake_up", {"tags": ["weights"]}),
+        ("wake_up", {"tags": ["kv_cache"]}),
+        ("sleep", {"level": 2, "mode": "abort"}),
+        ("wake_up", {"tags": None}),
+    ]
+    # On CPU vLLM has no sleep mode: nothing reaches it.
+    monkeypatch.setattr(engine_module, "on_cpu", lambda: True)
+    engine.sleep()
+    engine.wake_up(["weights"])
+    assert len(engine.llm.calls) == 5
+
+
+def test_vllm_import_keeps_inductor_compile_threads():
+    """vLLM's import sets TORCHINDUCTOR_COMPILE_THREADS=1 and Inductor reads it then: the engine's
+    import leaves both as a process without vLLM would have them (fresh processes: the variable
+    and Inductor's config are decided once per process)."""
+    probe = textwrap.dedent("""
+        import os, sys
+        if sys.argv[1] != "unset":
+            os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = sys.argv[1]
+        if sys.argv[2] == "vllm":
+            from megatron_lead.rollout.engine import import_vllm
+            import_vllm()
+            assert "vllm" in sys.modules
+        from torch._inductor import config
+        print(os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"), config.compile_threads)
+    """)
+
+    def run(threads: str, with_vllm: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+        done = subprocess.run([sys.executable, "-c", probe, threads, with_vllm], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    without = run("unset", "plain")
+    assert without.startswith("None ")
+    assert run("unset", "vllm") == without
+    assert run("2", "vllm") == run("2", "plain") == "2 2"
 
 
 # Bad-input tests first: they must run before the module's engine exists (one engine per process).
@@ -50,11 +136,44 @@ def test_vllm_start_failure_is_one_line_and_leaves_no_processes(model_dir):
     assert not torch.distributed.is_initialized()  # vLLM's process group was dropped too
 
 
+THREADS = "TORCHINDUCTOR_COMPILE_THREADS"
+START = {}  # what the module's engine start left behind
+
+
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    eng = RolloutEngine(EngineConfig(model_path=model_dir, **ENGINE_ARGS))
+    before = os.environ.get(THREADS)
+    os.environ[THREADS] = "3"  # a user's setting; vLLM's CPU platform sets 1 at every start
+    try:
+        eng = RolloutEngine(EngineConfig(model_path=model_dir, **ENGINE_ARGS))
+        START["threads"] = os.environ.get(THREADS)
+    finally:
+        if before is None:
+            os.environ.pop(THREADS, None)
+        else:
+            os.environ[THREADS] = before
     yield eng
     eng.close()
+
+
+def test_engine_start_keeps_compile_threads(engine):
+    assert START["threads"] == "3"
+
+
+def test_v1_model_runner_is_pinned(engine, monkeypatch):
+    """vLLM picks the V2 runner wherever Triton is installed (CUDA); the engine pins V1. vLLM's
+    own decision, with Triton made to look installed, must still come out V1."""
+    import vllm.config.vllm as vllm_config_module
+    from vllm import envs
+
+    assert envs.VLLM_USE_V2_MODEL_RUNNER is False  # as vLLM reads it (cached after the start)
+    config = engine.llm.llm_engine.vllm_config
+    assert config.use_v2_model_runner is False
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    assert config.use_v2_model_runner is False
+    # The check is not blind: without the pin, the same config picks V2.
+    monkeypatch.setattr(envs, "VLLM_USE_V2_MODEL_RUNNER", None, raising=False)
+    assert config.use_v2_model_runner is True
 
 
 def test_greedy_matches_transformers(engine, hf_model):

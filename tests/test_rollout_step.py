@@ -1,4 +1,6 @@
-"""rollout_step on CPU: four Megatron ranks (PP=2 x DP=2), each hosting its own in-process vLLM (TP=1).
+"""rollout_step on CPU: four Megatron ranks (PP=2 x DP=2), each hosting its own in-process vLLM (TP=1),
+then the PPO phase's old-log-prob pass over the step's rows (the rollout/trainer gap is measured
+there, on the micro-batches the update runs).
 
 The engine starts from a tiny HF model whose weights are not the Megatron ones, so the log-prob
 check fails unless the step's weight sync really happened. The reference for the log-probs is
@@ -43,6 +45,7 @@ def _rank(rank, world, tp, pp, hf_dir, out_dir):
     from megatron_lead.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
     from megatron_lead.rollout.step import rollout_step, sampling_seed
     from megatron_lead.rollout.sync import make_weight_sync
+    from megatron_lead.trainer.ppo import mini_batches, old_logprob_pass
 
     init_parallel(tp=tp, pp=pp, seed=123)
 
@@ -71,21 +74,26 @@ def _rank(rank, world, tp, pp, hf_dir, out_dir):
     engine = RolloutEngine(EngineConfig(model_path=hf_dir, **ENGINE_ARGS))
     sampling = SamplingConfig(**SAMPLING)
     seeds = [sampling_seed(7, 3, 100 + i) for i in range(len(PROMPTS))]
-    batch = rollout_step(model, engine, make_weight_sync(engine), PROMPTS, sampling,
-                         micro_batch_size=4, pad_id=PAD_ID, seeds=seeds)
+    def step(sync):
+        batch = rollout_step(model, engine, sync, PROMPTS, sampling, pad_id=PAD_ID, seeds=seeds)
+        batches = mini_batches(batch, torch.zeros(batch.tokens.size(0)), 1, micro_batch_size=4)
+        batch.metrics.update(old_logprob_pass(model, batches, sampling.temperature))
+        last = parallel_state.is_pipeline_last_stage()
+        return batch, torch.cat([mb.old_logprobs for mb in batches[0]]) if last else None
+
+    batch, old_logprobs = step(make_weight_sync(engine))
     # Seeds follow the prompt: one replica generating every prompt gives the same rollouts.
     alone = engine.generate(PROMPTS, sampling, seeds) if rank == 0 else None
     # A weight sync that loads nothing, after the policy moved: the metric must see the gap.
     with torch.no_grad():
         for p in model[0].parameters():
             p.mul_(1.3)
-    stale = rollout_step(model, engine, _StaleSync(engine), PROMPTS, sampling,
-                         micro_batch_size=4, pad_id=PAD_ID, seeds=seeds).metrics
+    stale = step(_StaleSync(engine))[0].metrics
     engine.close()
     # One rank per DP rank holds the full result: the last pipeline stage's TP rank 0.
     owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    return dict(batch=batch, start_error=start_error, left_over=left_over, owner=owner,
-                dp_rank=parallel_state.get_data_parallel_rank(), alone=alone, stale=stale)
+    return dict(batch=batch, old_logprobs=old_logprobs, start_error=start_error, left_over=left_over,
+                owner=owner, dp_rank=parallel_state.get_data_parallel_rank(), alone=alone, stale=stale)
 
 
 # PP=2: old_logprobs on the last stage only, the metric all-reduced over PP. DP=2: each DP rank
@@ -113,7 +121,7 @@ def test_rollout_step(tmp_path, world, tp, pp):
         assert r["batch"].metrics == metrics  # the same on every rank (times: the slowest's)
         assert [x.response_ids for x in r["batch"].all_rollouts] == [x.response_ids for x in everything]
         if not r["owner"] and pp > 1:
-            assert r["batch"].old_logprobs is None  # first pipeline stage
+            assert r["old_logprobs"] is None  # first pipeline stage
 
     # Every prompt's G rollouts generated exactly once, in prompt order, and kept.
     assert metrics["rollout/generated_sequences"] == len(everything) == len(PROMPTS) * G
@@ -130,7 +138,7 @@ def test_rollout_step(tmp_path, world, tp, pp):
         # Packing: row i is rollout i, right-padded, the mask exactly on its response tokens.
         assert len(rollouts) == len(everything) // 2 == batch.tokens.size(0)
         width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-        assert batch.tokens.shape == batch.response_mask.shape == batch.old_logprobs.shape == (8, width)
+        assert batch.tokens.shape == batch.response_mask.shape == owner["old_logprobs"].shape == (8, width)
         for i, r in enumerate(rollouts):
             p, n = len(r.prompt_ids), len(r.response_ids)
             assert r is not None and r.response_ids == everything[batch.rows[i]].response_ids
@@ -142,8 +150,8 @@ def test_rollout_step(tmp_path, world, tp, pp):
             # Log-probs against transformers on the Megatron weights, at the sampling temperature.
             ref = hf_logprobs(hf, r.prompt_ids, r.response_ids, SAMPLING["temperature"])
             gaps += [abs(a - b) for a, b in zip(r.logprobs, ref)]
-            old_vs_hf += [abs(a - b) for a, b in zip(batch.old_logprobs[i, p:p + n].tolist(), ref)]
-            diff_sum += sum(abs(a - b) for a, b in zip(r.logprobs, batch.old_logprobs[i, p:p + n].tolist()))
+            old_vs_hf += [abs(a - b) for a, b in zip(owner["old_logprobs"][i, p:p + n].tolist(), ref)]
+            diff_sum += sum(abs(a - b) for a, b in zip(r.logprobs, owner["old_logprobs"][i, p:p + n].tolist()))
             diff_tokens += n
 
     # Truncation: really cut at MAX_LEN (a stop token ends the others).
@@ -186,7 +194,7 @@ def _without_engine(rank, world_size):
 
     init_parallel(2, 1)
     try:
-        rollout_step(None, None, None, [[1, 2, 3]], SamplingConfig(n=2), micro_batch_size=1, pad_id=0)
+        rollout_step(None, None, None, [[1, 2, 3]], SamplingConfig(n=2), pad_id=0)
     except ValueError as e:
         return str(e)
     return None

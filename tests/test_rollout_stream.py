@@ -35,23 +35,7 @@ def test_sync_without_engine_drains_and_counts():
 def test_unknown_transport_is_rejected():
     with pytest.raises(ValueError, match="unknown weight-sync transport"):
         make_weight_sync(None, "carrier-pigeon")
-
-
-def test_gpu_source_follows_vllm_weight_source_contract():
-    """The GPU transports hand vLLM a WeightSource over the same stream; vLLM checks its order."""
-    from megatron_lead.rollout.sync.transfer_api import _stream_source
-
-    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-             "model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight",
-             "model.norm.weight", "lm_head.weight"]
-    stream = [(n, torch.full((2, 3), float(i))) for i, n in enumerate(names)]
-    source = _stream_source([(n, t.dtype, tuple(t.shape)) for n, t in stream])
-    assert [m.name for m in source.metadata()] == names
-    source.stream = iter(stream)
-    groups = list(source.iter_groups())  # vLLM's own batching: embedding, layer 0, layer 1, head
-    assert [g for g, _ in groups] == [names[:1], names[1:3], names[3:4], names[4:]]
-    with pytest.raises(RuntimeError, match="outside a sync round"):
-        list(source)  # each round's stream is consumed once
-    source.stream = iter([stream[1], stream[0]] + stream[2:])
-    with pytest.raises(RuntimeError, match="iteration order must match"):
-        list(source.iter_groups())
+    # The GPU transports through vLLM's weight-transfer API are gone (never wired, rank 0 only).
+    for removed in ("ipc", "nccl"):
+        with pytest.raises(ValueError, match="unknown weight-sync transport"):
+            make_weight_sync(None, removed)

@@ -75,8 +75,7 @@ def _rank(rank, world, tp, pp, hf_dir, out_dir):
     from megatron_lead.policy.model import build_model, unwrap
     from megatron_lead.policy.parallel import init_parallel
     from megatron_lead.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
-    from megatron_lead.rollout.sync import (
-        make_weight_sync, policy_weight_metadata, policy_weight_stream, sync_policy_weights)
+    from megatron_lead.rollout.sync import make_weight_sync, sync_policy_weights
 
     init_parallel(tp=tp, pp=pp, seed=123)
     model = build_model(hf_dir, dtype=torch.float32)
@@ -85,9 +84,6 @@ def _rank(rank, world, tp, pp, hf_dir, out_dir):
             if p.dim() == 2:
                 p.mul_(5.0)
     vocab = unwrap(model[0]).arch.vocab_size
-    # What the GPU transports declare up front must be what the stream then yields.
-    streamed = [(name, t.dtype, tuple(t.shape)) for name, t in policy_weight_stream(model)]
-    assert policy_weight_metadata(model) == streamed
     engine = RolloutEngine(EngineConfig(model_path=hf_dir, **ENGINE_ARGS))
     weight_sync = make_weight_sync(engine)
     greedy = SamplingConfig(temperature=0.0, max_response_len=GREEDY_LEN)

@@ -56,6 +56,8 @@ def test_yaml_then_overrides_then_derived_values(tmp_path, paths):
     ({"model.path": "/nonexistent/model"}, 1, "model.path=/nonexistent/model: no HF model there"),
     ({"data.train_path": "/nonexistent/train.jsonl"}, 1, "data.train_path=/nonexistent/train.jsonl: no such file"),
     ({"lead.l_min": 9000}, 1, "lead.l_min=9000.0 and lead.l_max=8000.0 need 0 < l_min <= l_max"),
+    ({"rollout.offload_weights": True}, 1, "rollout.offload_weights needs rollout.offload_train_state (on by "
+                                           "default with CUDA)"),
 ])
 def test_bad_settings_are_one_line_errors_naming_the_key(paths, extra, world, message):
     cfg = load_config(None, _args(paths, **extra))

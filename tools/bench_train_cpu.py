@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("data", "rollout", "grade", "advantages", "reference", "train")
+PHASES = ("data", "rollout", "grade", "advantages", "old_logprobs", "reference", "train")
 
 
 def make_inputs(folder: str, hidden: int, layers: int, prompts: int) -> None:
@@ -77,9 +77,9 @@ def main() -> int:
     for phase in PHASES:
         sec = med.get(f"time/{phase}_seconds", 0.0)
         print(f"{phase:<12}{sec:>10.4f}{100 * sec / total:>8.2f}%")
-        if phase == "rollout":  # its parts: weight sync, vLLM generation, Megatron's old log-probs
+        if phase == "rollout":  # its parts: weight sync, vLLM generation, the rest (sharing, padding)
             parts = {"  sync": med["rollout/sync_seconds"], "  generate": med["rollout/generate_seconds"]}
-            parts["  old logp"] = sec - sum(parts.values())
+            parts["  other"] = sec - sum(parts.values())
             for name, part in parts.items():
                 print(f"{name:<12}{part:>10.4f}{100 * part / total:>8.2f}%")
     print(f"{'step':<12}{total:>10.4f}{100.0:>8.2f}%")

@@ -133,6 +133,8 @@ def apply() -> bool:
     global _applied
     if _applied or not needed():
         return _applied
+    from megatron_lead.versions import require
+    require("megatron-core")  # the redirects below replace Megatron internals of this release
     from megatron.core.models.common.language_module import language_module
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom

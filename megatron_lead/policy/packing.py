@@ -59,6 +59,8 @@ class PackedMicroBatch:
     """[1, T] or None."""
     ref_logprobs: torch.Tensor | None = None
     """[1, T] or None."""
+    rollout_logprobs: torch.Tensor | None = None
+    """[1, T] or None."""
 
     @property
     def lengths(self) -> list[int]:
@@ -103,9 +105,10 @@ def pack_micro_batches(micro_batch_size: int = 1, max_tokens: int = 0, lengths: 
                        **tensors: torch.Tensor | None) -> list[PackedMicroBatch]:
     """Packed counterpart of train_step.split_micro_batches (the same keyword tensors).
 
-    tokens / response_mask / old_logprobs / ref_logprobs: [B, s], right-padded; advantages: [B, s]
-    or [B] (optional, like old_logprobs and ref_logprobs: SFT has none). lengths: [B] tokens per row (default: row_lengths(response_mask)). Rows are grouped by
-    group_rows(micro_batch_size, max_tokens), in order.
+    tokens / response_mask / old_logprobs / ref_logprobs / rollout_logprobs: [B, s], right-padded;
+    advantages: [B, s] or [B] (optional, like the log-probs: SFT has none). lengths: [B] tokens per
+    row (default: row_lengths(response_mask)). Rows are grouped by group_rows(micro_batch_size,
+    max_tokens), in order.
     """
     tokens, mask = tensors["tokens"], tensors["response_mask"]
     lengths = row_lengths(mask) if lengths is None else lengths
@@ -122,7 +125,7 @@ def pack_micro_batches(micro_batch_size: int = 1, max_tokens: int = 0, lengths: 
         cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lens).cumsum(0)
         opt = {k: None if tensors.get(k) is None else _pack_rows(tensors[k], rows, lens)
-               for k in ("advantages", "old_logprobs", "ref_logprobs")}
+               for k in ("advantages", "old_logprobs", "ref_logprobs", "rollout_logprobs")}
         out.append(PackedMicroBatch(
             tokens=_pack_rows(tokens, rows, lens),
             positions=torch.cat([torch.arange(n) for n in lens]).unsqueeze(0),
@@ -202,5 +205,7 @@ def use_traceable_thd_rope() -> None:
     from megatron.core.models.common.embeddings import rope_utils
 
     if not _ORIGINAL_THD_ROPE:
+        from megatron_lead.versions import require
+        require("megatron-core")  # a private Megatron function, replaced with its 0.16.1 signature
         _ORIGINAL_THD_ROPE.append(rope_utils._apply_rotary_pos_emb_thd)
         rope_utils._apply_rotary_pos_emb_thd = _thd_rope

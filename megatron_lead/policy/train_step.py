@@ -38,6 +38,9 @@ class MicroBatch:
     Read on the last pipeline stage only (forward_logprobs returns them there)."""
     ref_logprobs: torch.Tensor | None = None
     """[b, s] log-probs under the frozen reference, when the KL term is on. Last stage only."""
+    rollout_logprobs: torch.Tensor | None = None
+    """[b, s] vLLM's sampling log-probs of the same tokens (0 off the response), for the
+    rollout/trainer gap (`rollout/logprob_diff`); the loss does not read them."""
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -77,13 +80,16 @@ def make_micro_batches(micro_batch_size: int, pack: bool = False, max_tokens: in
 
 @torch.no_grad()
 def forward_logprobs(model: list, micro_batches: list[MicroBatch],
-                     temperature: float = 1.0) -> list[torch.Tensor]:
+                     temperature: float = 1.0, unpack_packed: bool = True) -> list[torch.Tensor]:
     """Per-micro-batch token log-probs [b, s] (CPU) on the last pipeline stage; [] on the others.
-    A packed micro-batch's come back unpacked: [its rows, source width], zeros past each row."""
+    A packed micro-batch's come back unpacked, [its rows, source width] with zeros past each row,
+    or (unpack_packed=False) in its own [1, T] layout, ready to be its old/ref log-probs."""
 
     def collect(logits, batch):
         logp = _token_logprobs(logits, batch, temperature)[0].cpu()
-        return unpack(logp, batch["cu_seqlens"], batch["width"]) if "cu_seqlens" in batch else logp
+        if unpack_packed and "cu_seqlens" in batch:
+            return unpack(logp, batch["cu_seqlens"], batch["width"])
+        return logp
 
     inputs = ("tokens", "positions", "cu_seqlens", "max_seqlen", "width")
     return forward_backward(model, [{k: v for k, v in mb.as_dict().items() if k in inputs}
@@ -91,10 +97,10 @@ def forward_logprobs(model: list, micro_batches: list[MicroBatch],
 
 
 def reference_logprobs(model: list, reference: ReferenceWeights, micro_batches: list[MicroBatch],
-                       temperature: float = 1.0) -> list[torch.Tensor]:
+                       temperature: float = 1.0, unpack_packed: bool = True) -> list[torch.Tensor]:
     """forward_logprobs with the reference weights swapped into the policy module."""
     with reference.active():
-        return forward_logprobs(model, micro_batches, temperature)
+        return forward_logprobs(model, micro_batches, temperature, unpack_packed)
 
 
 def _loss_fn(cfg: LossConfig):

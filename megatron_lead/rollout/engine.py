@@ -1,14 +1,17 @@
 """The rollout engine: vLLM generating G completions per prompt, token ids in, tokens + log-probs out.
 
-Where vLLM runs (`EngineConfig.placement`; vLLM's TP size is its own, not Megatron's TP x PP):
-- "colocate" (CPU and GPU): in this process. Inside a trainer rank (a torch.distributed default
-  group exists) vLLM starts with its `external_launcher` executor, which reuses the trainer's group
-  (a process has only one default group): every trainer rank builds an engine at the same time
-  (the start is collective) and vLLM's TP groups are carved out of consecutive trainer ranks, so
-  world / vLLM-TP replicas generate side by side, each from its own slice of the prompts. On GPUs
-  each rank's worker shares its GPU with Megatron and sleeps during training (`sleep()` /
-  `wake_up()`); weights arrive in-process (`sync.reload`).
-- GPU, "separate": vLLM on GPUs of its own; weights over NCCL (`sync.transfer_api`, "nccl").
+vLLM runs in this process ("colocate", the one placement; vLLM's TP size is its own, not
+Megatron's TP x PP). Inside a trainer rank (a torch.distributed default group exists) vLLM starts
+with its `external_launcher` executor, which reuses the trainer's group (a process has only one
+default group): every trainer rank builds an engine at the same time (the start is collective)
+and vLLM's TP groups are carved out of consecutive trainer ranks, so world / vLLM-TP replicas
+generate side by side, each from its own slice of the prompts. Weights arrive in-process
+(`sync.reload`). On GPUs each rank's worker shares its GPU with Megatron and sleeps at level 2
+during training (`sleep()`): the next sync overwrites every weight, so there is nothing to keep;
+`wake_up(["weights"])`, the sync, then `wake_up(["kv_cache"])` bring it back.
+
+vLLM's V1 model runner is pinned (`VLLM_USE_V2_MODEL_RUNNER=0`): on CPU vLLM has no other, so it
+is the runner every test exercised, and on CUDA vLLM would pick V2 (docs/GPU.md has the reasons).
 
 Log-probs are vLLM's "processed" ones: of logits / temperature (after top-p), i.e. the
 distribution the tokens were sampled from; `policy.logprobs` recomputes the same quantity
@@ -17,29 +20,35 @@ distribution the tokens were sampled from; `policy.logprobs` recomputes the same
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
-PLACEMENTS = ("colocate", "separate")
+PLACEMENTS = ("colocate",)
+
+# vLLM's import sets it to 1 for the whole process (vllm/env_override.py), and its CPU platform
+# again at engine start; Inductor reads it once, when torch._inductor.config is first imported.
+_COMPILE_THREADS = "TORCHINDUCTOR_COMPILE_THREADS"
 
 
 @dataclass
 class EngineConfig:
     model_path: str                      # HF-format folder (config.json + weights) of the run's policy
     tensor_parallel_size: int = 1        # vLLM's own TP, independent of Megatron's TP x PP
-    placement: str = "colocate"
+    placement: str = "colocate"         # the only one: vLLM inside each trainer rank
     dtype: str = "auto"                  # "float32" for exact comparisons on CPU
     max_model_len: int = 4096            # prompt + response tokens
     gpu_memory_utilization: float = 0.5  # on CPU vLLM reads this as a fraction of host RAM
     kv_cache_memory_bytes: int | None = None  # explicit KV-cache size; overrides the fraction
     enforce_eager: bool = False
     seed: int = 0
-    weight_transfer: str | None = None   # GPU: "ipc" / "nccl" (see sync.transfer_api); CPU: None
 
 
 @dataclass
@@ -89,6 +98,53 @@ def check_model_files(model_path: str | Path) -> None:
         raise FileNotFoundError(f"no weights (*.safetensors / *.bin) in {path}")
 
 
+@contextlib.contextmanager
+def _keep_inductor_compile_threads() -> Iterator[None]:
+    """Undo vLLM's process-wide TORCHINDUCTOR_COMPILE_THREADS=1 once vLLM is imported and started.
+
+    vLLM wants single-threaded Inductor compiles in its own (daemonic) worker processes; here it
+    runs in the trainer's process, where `model.compile_layers` would otherwise compile on one
+    thread for the rest of the run. Inductor decides `compile_threads` when its config module is
+    first imported, which vLLM's import does: decide again under the restored environment.
+    """
+    before = os.environ.get(_COMPILE_THREADS)
+    config_was_loaded = "torch._inductor.config" in sys.modules
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_COMPILE_THREADS, None)
+        else:
+            os.environ[_COMPILE_THREADS] = before
+        if not config_was_loaded and "torch._inductor.config" in sys.modules:
+            from torch._inductor import config as inductor_config
+
+            inductor_config.compile_threads = inductor_config.decide_compile_threads()
+
+
+def import_vllm() -> None:
+    """Import vLLM without keeping its TORCHINDUCTOR_COMPILE_THREADS=1 (`_keep_inductor_compile_threads`)."""
+    with _keep_inductor_compile_threads():
+        import vllm  # noqa: F401
+
+
+class _TokenizerlessWarmupFilter(logging.Filter):
+    """Drops vLLM's "Chat template warmup failed" warning (with its traceback) when its cause is
+    the tokenizer this engine deliberately skips (`skip_tokenizer_init=True`): `LLM.__init__`
+    renders a chat template at every start, unconditionally, and that needs a tokenizer. Any other
+    warm-up failure still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != "Chat template warmup failed" or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        return not (isinstance(error, ValueError) and "skip_tokenizer_init" in str(error))
+
+
+# vllm/renderers/base.py logs it (BaseRenderer.warmup), on its module logger.
+_WARMUP_LOGGER = "vllm.renderers.base"
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
@@ -110,24 +166,25 @@ class RolloutEngine:
         # Inside a trainer rank vLLM must reuse the trainer's process group (a second default
         # group cannot exist in one process); external_launcher is vLLM's mode for exactly that.
         self.in_trainer = torch.distributed.is_available() and torch.distributed.is_initialized()
-        # Colocated engines (and every engine on CPU) run their worker in this process.
-        self.in_process = config.placement == "colocate" or on_cpu()
-        if self.in_trainer and on_cpu() and config.placement == "separate":
-            raise ValueError("placement 'separate' needs GPUs for vLLM; on CPU use 'colocate' "
-                             "(the engine runs inside each trainer rank)")
-        if self.in_trainer and self.in_process:
+        if self.in_trainer:
             world = torch.distributed.get_world_size()
             if world % config.tensor_parallel_size:
                 raise ValueError(f"trainer world size {world} is not divisible by vLLM "
                                  f"tensor_parallel_size {config.tensor_parallel_size}")
+        from megatron_lead.versions import require
+        require("vllm")  # close() reaches into vLLM's engine core: only the pinned release
+        import_vllm()
         from vllm.distributed import parallel_state as vps
 
         if vps.model_parallel_is_initialized():
             raise RuntimeError("a vLLM engine already runs in this process; close() it first")
-        if self.in_process:
-            # The in-process weight sync passes a Python iterator to the worker.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        self.llm = self._start()
+        # The in-process weight sync passes a Python iterator to the worker.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # V1: the runner of every CPU test (see the module docstring). vLLM caches its
+        # environment after the first engine start, so this must precede it.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        with _keep_inductor_compile_threads():  # vLLM's CPU platform sets it again at start
+            self.llm = self._start()
 
     def _engine_kwargs(self) -> dict:
         c = self.config
@@ -143,30 +200,30 @@ class RolloutEngine:
             seed=c.seed,
             logprobs_mode="processed_logprobs",
         )
-        if self.in_process and self.in_trainer:
+        if self.in_trainer:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if on_cpu():
             # A prompt whose prefill is split over two engine steps has its sampled token thrown
             # away and its seeded generator rewound, which CPU generators cannot do ("CPU
             # Generator does not use offset"): keep every prefill whole on CPU.
             kwargs["enable_chunked_prefill"] = False
-        if not on_cpu() and c.placement == "colocate":
+        if not on_cpu():
             kwargs["enable_sleep_mode"] = True
-        if c.weight_transfer is not None:
-            from vllm.config import WeightTransferConfig
-
-            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=c.weight_transfer)
         return kwargs
 
     def _start(self):
         from vllm import LLM
 
+        warmup_filter = _TokenizerlessWarmupFilter()
+        logging.getLogger(_WARMUP_LOGGER).addFilter(warmup_filter)
         try:
             return LLM(**self._engine_kwargs())
         except Exception as e:  # noqa: BLE001 - re-raised as one line, after cleaning up
             self._release_distributed_state()
             cause = _one_line(e)
             raise RuntimeError(f"vLLM could not start from {self.config.model_path}: {cause}") from e
+        finally:
+            logging.getLogger(_WARMUP_LOGGER).removeFilter(warmup_filter)
 
     def _release_distributed_state(self) -> None:
         """Drop the process groups vLLM made, so a failed or closed engine leaves none behind.
@@ -237,13 +294,23 @@ class RolloutEngine:
     # ---- life cycle -------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        """Free GPU memory for training (weights and KV cache); no-op on CPU."""
-        if not on_cpu() and self.config.placement == "colocate":
-            self.llm.sleep(level=1)  # weights are re-sent every step: level 1 keeps them on the host
+        """Free the GPU memory for training: weights and KV cache both discarded; no-op on CPU.
 
-    def wake_up(self) -> None:
-        if not on_cpu() and self.config.placement == "colocate":
-            self.llm.wake_up()
+        Level 2, not 1: level 1 copies every weight to pinned host memory each step only for the
+        next sync to overwrite it. vLLM's worker still saves the model's buffers (RoPE caches,
+        attention scales: nothing a sync carries) and puts them back on wake-up with "weights".
+        """
+        if not on_cpu():
+            self.llm.sleep(level=2)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Map the memory of `tags` ("weights", "kv_cache"; None: all) again; no-op on CPU.
+
+        After a level-2 sleep the weights are uninitialised until a sync fills them: wake
+        ["weights"], sync, then wake ["kv_cache"], so the KV cache is not held during the sync.
+        """
+        if not on_cpu():
+            self.llm.wake_up(tags=None if tags is None else list(tags))
 
     def close(self) -> None:
         """Shut vLLM down and drop its process groups (the trainer's default group survives)."""

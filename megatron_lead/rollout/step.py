@@ -1,11 +1,16 @@
-"""The trainer's rollout step, once per RL step: sync weights -> generate -> share -> pack -> old log-probs.
+"""The trainer's rollout step, once per RL step: wake -> sync weights -> generate -> share -> pad.
 
-    rollout_step:  push the current Megatron weights into every vLLM replica (sync_policy_weights)
-                   -> each replica generates G rollouts for its own slice of the step's prompts
+    rollout_step:  vLLM's weights wake (GPU, colocated) and the current Megatron weights are
+                   pushed into every vLLM replica (sync_policy_weights)
+                   -> the KV cache wakes; each replica generates G rollouts for its own slice
+                      of the step's prompts; vLLM sleeps again
                    -> the rollouts are shared, and each data-parallel rank keeps the ones it trains
-                   -> right-padded [B, s] tokens + response mask (RolloutBatch)
-                   -> Megatron's log-probs of the same tokens at the sampling temperature
-                      (PPO's old_logprobs) and rollout/* metrics, the same on every rank
+                   -> right-padded [B, s] tokens + response mask + vLLM's log-probs (RolloutBatch)
+                      and rollout/* metrics, the same on every rank
+
+Megatron's log-probs of these tokens (PPO's old log-probs, and the rollout/trainer gap
+`rollout/logprob_diff`) are not computed here but in the PPO phase (trainer/ppo.py), over the
+very micro-batches the update runs: this package holds generation and the weight sync only.
 
 Where things live:
 - Every trainer rank hosts one in-process vLLM worker (engine.py, `external_launcher`); vLLM's TP
@@ -17,8 +22,9 @@ Where things live:
 - The step's rollouts are ordered by prompt (prompt i's G rollouts are rows i*G .. i*G+G-1 of the
   global list). They are cut into `num_mini_batches` consecutive chunks (PPO mini-batches) and each
   chunk into dp consecutive parts; DP rank d keeps part d of every chunk, in chunk order.
-- old_logprobs are on the last pipeline stage only (None on the others), as train_step reads
-  them (MicroBatch.old_logprobs); the metrics are reduced so every rank holds the same values.
+- GPU memory (colocated): vLLM sleeps at level 2 between steps (weights and KV cache freed) and
+  wakes in two stages, weights first, so the sync writes into them before the KV cache is
+  allocated; `after_sync` lets the trainer free its own weights in between (policy/offload.py).
 """
 
 from __future__ import annotations
@@ -26,14 +32,13 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megatron_lead.rollout.engine import Rollout, SamplingConfig
-from megatron_lead.rollout.metrics import logprob_diff
-from megatron_lead.rollout.sync import sync_policy_weights
+from megatron_lead.rollout.sync import SyncStats, sync_policy_weights
 
 
 @dataclass
@@ -44,9 +49,6 @@ class RolloutBatch:
     """[B, s] bool, True on response tokens."""
     rollout_logprobs: torch.Tensor
     """[B, s] float32 vLLM's sampling log-probs on response tokens, 0 elsewhere."""
-    old_logprobs: torch.Tensor | None
-    """[B, s] float32 Megatron's log-probs (of logits / temperature), aligned with tokens; the
-    last pipeline stage only (None on the others)."""
     response_lens: torch.Tensor
     """[B] int64 response tokens per rollout."""
     truncated: torch.Tensor
@@ -68,7 +70,7 @@ def sampling_seed(run_seed: int, step: int, prompt_index: int) -> int:
 
 
 def pack_rollouts(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors of a list of rollouts (the RolloutBatch fields but old_logprobs)."""
+    """Right-padded tensors of a list of rollouts (the RolloutBatch tensor fields)."""
     width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
     b = len(rollouts)
     tokens = torch.full((b, width), pad_id, dtype=torch.long)
@@ -126,6 +128,41 @@ def generate_distributed(engine, prompts: Sequence[Sequence[int]], seeds: Sequen
     return rollouts, len(rollouts)
 
 
+@dataclass
+class Generation:
+    rollouts: list[Rollout]
+    """Every rollout of the call, ordered by prompt (the same list on every rank)."""
+    sync: SyncStats
+    """The weight sync before generating (this rank's)."""
+    seconds: float
+    """Generation wall time on this rank."""
+    peak_bytes: int | None
+    """Device memory in use at the end of generation, vLLM still awake (GPU only; else None)."""
+
+
+def generate_with_current_weights(model_chunks: list, engine, weight_sync, prompts: Sequence[Sequence[int]],
+                                  seeds: Sequence[int | None], sampling: SamplingConfig, *, vllm_tp: int = 1,
+                                  hf_config=None, after_sync: Callable[[], object] | None = None) -> Generation:
+    """Collective over all trainer ranks: vLLM's weights wake (GPU, colocated; a no-op on CPU), the
+    current Megatron weights are pushed into every replica, `after_sync` runs, the KV cache wakes,
+    every replica generates its slice of the prompts, and vLLM sleeps again (level 2: the next
+    sync rewrites the weights anyway)."""
+    from megatron_lead.gpu_memory import PeakMeter
+
+    memory = PeakMeter()
+    engine.wake_up(["weights"])
+    sync = sync_policy_weights(model_chunks, weight_sync, hf_config)
+    if after_sync is not None:
+        after_sync()
+    engine.wake_up(["kv_cache"])
+    start = time.perf_counter()
+    rollouts, _ = generate_distributed(engine, prompts, seeds, sampling, vllm_tp)
+    seconds = time.perf_counter() - start
+    peak = memory.peak_bytes()  # vLLM's weights and KV cache are still mapped here
+    engine.sleep()
+    return Generation(rollouts=rollouts, sync=sync, seconds=seconds, peak_bytes=peak)
+
+
 def _check_engines(engine) -> None:
     """Every rank hosts an engine: checked collectively, so a missing one fails on every rank."""
     from megatron_lead.policy.parallel import errors_on_any_rank
@@ -136,20 +173,19 @@ def _check_engines(engine) -> None:
 
 
 def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int]],
-                 sampling: SamplingConfig, *, micro_batch_size: int, pad_id: int,
-                 seeds: Sequence[int] | None = None, vllm_tp: int = 1, num_mini_batches: int = 1,
-                 hf_config=None, pack: bool = False, max_tokens: int = 0) -> RolloutBatch:
+                 sampling: SamplingConfig, *, pad_id: int, seeds: Sequence[int] | None = None,
+                 vllm_tp: int = 1, num_mini_batches: int = 1, hf_config=None,
+                 after_sync: Callable[[], object] | None = None) -> RolloutBatch:
     """Collective over all trainer ranks: one RL step's rollouts of the step's global prompt list.
 
     prompts: the step's prompts (token ids), the same list on every rank. seeds: one sampling seed
-    per prompt (default sampling.seed + i). The rows this data-parallel rank keeps
-    (len(prompts) * G / dp of them) must divide by micro_batch_size. pack / max_tokens: how the old
-    log-prob pass cuts micro-batches (train_step.make_micro_batches).
+    per prompt (default sampling.seed + i). after_sync: called once the weights are in vLLM and
+    before its KV cache wakes (the trainer offloads its weights there).
     """
     from megatron.core import parallel_state
 
+    from megatron_lead.gpu_memory import GB
     from megatron_lead.policy.parallel import reduce_scalars
-    from megatron_lead.policy.train_step import forward_logprobs, make_micro_batches
 
     if sampling.temperature <= 0:
         raise ValueError(f"rollout_step needs temperature > 0 (old log-probs are of logits / "
@@ -159,49 +195,26 @@ def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     total = len(prompts) * sampling.n
     rows = data_parallel_rows(total, num_mini_batches, dp, dp_rank)
-    if len(rows) % micro_batch_size:
-        raise ValueError(f"{len(prompts)} prompts x n={sampling.n} rollouts over {dp} data-parallel "
-                         f"rank(s) are not divisible by micro_batch_size {micro_batch_size}")
     if seeds is None:
         seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
     _check_engines(engine)
 
-    # 1. Current weights into every replica (collective over all ranks).
-    engine.wake_up()  # GPU colocate: weights and KV cache back from sleep; no-op on CPU
-    sync = sync_policy_weights(model_chunks, weight_sync, hf_config)
-
-    # 2. Each replica: its slice of the prompts; then every rank holds every rollout.
-    start = time.perf_counter()
-    all_rollouts, generated = generate_distributed(engine, prompts, seeds, sampling, vllm_tp)
-    generate_seconds = time.perf_counter() - start
-    engine.sleep()  # GPU colocate: free the memory for the Megatron passes; no-op on CPU
+    # 1. Current weights into every replica; each replica generates its slice of the prompts, and
+    #    every rank receives every rollout.
+    gen = generate_with_current_weights(model_chunks, engine, weight_sync, prompts, seeds, sampling,
+                                        vllm_tp=vllm_tp, hf_config=hf_config, after_sync=after_sync)
+    all_rollouts, generated, sync = gen.rollouts, len(gen.rollouts), gen.sync
     if generated != total:
         raise RuntimeError(f"the replicas returned {generated} rollouts, expected {total}")
 
-    # 3. This DP rank's rollouts, right-padded (Megatron's RoPE takes every row from position 0).
+    # 2. This DP rank's rollouts, right-padded (Megatron's RoPE takes every row from position 0).
     rollouts = [all_rollouts[i] for i in rows]
     packed = pack_rollouts(rollouts, pad_id)
 
-    # 4. Megatron's log-probs of the sampled tokens: PPO's old_logprobs (last stage only).
-    # (advantages are not known yet and not read by a forward-only pass: zeros fill the field)
-    micro_batches = make_micro_batches(micro_batch_size, pack, max_tokens, tokens=packed["tokens"],
-                                       response_mask=packed["response_mask"],
-                                       advantages=torch.zeros(len(rollouts)))
-    per_micro_batch = forward_logprobs(model_chunks, micro_batches, sampling.temperature)
-    old_logprobs = torch.cat(per_micro_batch) if per_micro_batch else None
-
-    # 5. Metrics, the same on every rank: log-prob gap over PP (only the last stage has it, the
-    # others add 0) then token-weighted over DP; counts from the global list; times of the
-    # slowest rank.
-    mask = packed["response_mask"]
-    num_tokens = float(mask.sum())
-    diff_sum = 0.0
-    if old_logprobs is not None:
-        diff_sum = logprob_diff(packed["rollout_logprobs"], old_logprobs, mask) * num_tokens
-    (diff_sum,) = reduce_scalars([diff_sum], [parallel_state.get_pipeline_model_parallel_group()])
-    diff_sum, tokens = reduce_scalars([diff_sum, num_tokens], [parallel_state.get_data_parallel_group()])
-    sync_seconds, generate_seconds = reduce_scalars([sync.seconds, generate_seconds], [dist.group.WORLD],
-                                                    dist.ReduceOp.MAX)
+    # 3. Metrics, the same on every rank: counts from the global list; times and memory of the
+    #    slowest / fullest rank.
+    sync_seconds, generate_seconds, peak_gb = reduce_scalars(
+        [sync.seconds, gen.seconds, (gen.peak_bytes or 0) / GB], [dist.group.WORLD], dist.ReduceOp.MAX)
     sync.seconds = sync_seconds
     lengths = [len(r.response_ids) for r in all_rollouts]
     metrics = {
@@ -209,9 +222,9 @@ def rollout_step(model_chunks: list, engine, weight_sync, prompts: list[list[int
         "rollout/generate_seconds": generate_seconds,
         "rollout/generated_sequences": float(generated),
         "rollout/generated_tokens": float(sum(lengths)),
-        "rollout/logprob_diff": diff_sum / max(tokens, 1.0),
         "rollout/truncated_frac": sum(r.truncated for r in all_rollouts) / len(all_rollouts),
         "rollout/response_len_mean": sum(lengths) / len(lengths),
     }
-    return RolloutBatch(old_logprobs=old_logprobs, rollouts=rollouts, rows=rows,
-                        all_rollouts=all_rollouts, metrics=metrics, **packed)
+    if gen.peak_bytes is not None:
+        metrics["memory/peak_generate_gb"] = peak_gb
+    return RolloutBatch(rollouts=rollouts, rows=rows, all_rollouts=all_rollouts, metrics=metrics, **packed)

@@ -81,6 +81,20 @@ class RolloutSection:
     """Explicit vLLM KV-cache size in bytes; overrides the fraction."""
     enforce_eager: bool = False
     """No CUDA graphs / compilation in vLLM (faster start, slower decode)."""
+    offload_train_state: bool | None = None
+    """Move Megatron's gradient buffers and optimizer state (fp32 main params, Adam moments) to
+    pinned host memory while vLLM holds the GPU (engine start, generation) and back for the
+    update (policy/offload.py): 16 bytes per parameter (12 / DP with the distributed optimizer)
+    left to vLLM's KV cache. None = on with CUDA, off on CPU (where it runs too, for the tests)."""
+    offload_weights: bool = False
+    """With offload_train_state: the policy's weights too (2 bytes per parameter in bf16), after
+    the weight sync has read them."""
+
+    @property
+    def offloads(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available() if self.offload_train_state is None else self.offload_train_state
 
 
 @dataclass
@@ -179,6 +193,8 @@ class TrainConfig:
                 raise ValueError(f"{key}={value} must be >= 1")
         if self.ppo.max_tokens_per_micro_batch < 0:
             raise ValueError(f"ppo.max_tokens_per_micro_batch={self.ppo.max_tokens_per_micro_batch} must be >= 0")
+        if self.rollout.offload_weights and not self.rollout.offloads:
+            raise ValueError("rollout.offload_weights needs rollout.offload_train_state (on by default with CUDA)")
         if self.ppo.max_tokens_per_micro_batch and not self.ppo.pack_sequences:
             raise ValueError("ppo.max_tokens_per_micro_batch needs ppo.pack_sequences=true (padded micro-batches "
                              "all have one shape)")

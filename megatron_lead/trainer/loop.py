@@ -1,16 +1,19 @@
 """The LEAD trainer: set up once, then one RL step after another.
 
     for each step:
-        prompts     <- the sampler's global batch (the same on every rank)
-        rollouts    <- weight sync, G samples per prompt from the vLLM replicas, old log-probs
-        scores      <- the grader (each rank grades a share of the responses)
-        advantages  <- LEAD (or a baseline) over the data-parallel group
-        reference   <- the frozen reference's log-probs (KL term)
-        update      <- PPO mini-batches through Megatron
+        prompts       <- the sampler's global batch (the same on every rank)
+        rollouts      <- weight sync, G samples per prompt from the vLLM replicas (the trainer's
+                         gradients and optimizer state wait in host memory meanwhile, on GPU)
+        scores        <- the grader (each rank grades a share of the responses)
+        advantages    <- LEAD (or a baseline) over the data-parallel group
+        old log-probs <- Megatron's, on the micro-batches the update runs (ratio exactly 1)
+        reference     <- the frozen reference's log-probs (KL term)
+        update        <- PPO mini-batches through Megatron
         metrics, then checkpoint / HF export / validation when due
 
 Every phase lives in its own module (rollout.step, trainer.grading, trainer.ppo,
-trainer.checkpoint, trainer.metrics, trainer.validation); this file only orchestrates them.
+trainer.checkpoint, trainer.metrics, trainer.validation, policy.offload); this file only
+orchestrates them.
 `build_run` creates the long-lived objects; `train` runs the loop and returns the summary.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +54,8 @@ class Run:
     data_stats: dict = field(default_factory=dict)
     start_step: int = 0
     skips: object = None
+    offload: object = None
+    """policy.offload.TrainStateOffload when rollout.offload_train_state is on, else None."""
 
 
 def _engine_config(cfg: TrainConfig):
@@ -77,6 +83,21 @@ def _load_data(cfg: TrainConfig, encoder, path: str, limit: int = 0):
     return records, ids, stats
 
 
+@contextmanager
+def _offloaded(offload, weights: bool = False):
+    """The trainer's gradients and optimizer state (and weights) in host memory within the block."""
+    if offload is None:
+        yield
+        return
+    offload.offload_optimizer_and_grads()
+    if weights:
+        offload.offload_weights()
+    try:
+        yield
+    finally:
+        offload.reload()
+
+
 def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
     """Collective: process groups, data, policy, optimizer, reference, vLLM, grader, LEAD; resume."""
     from megatron.core import parallel_state
@@ -85,6 +106,7 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
     from megatron_lead.lead import AdvantageComputer
     from megatron_lead.policy.convert.checkpoint import load_hf_weights
     from megatron_lead.policy.model import build_model
+    from megatron_lead.policy.offload import TrainStateOffload
     from megatron_lead.policy.optim import build_optimizer, wrap_ddp
     from megatron_lead.policy.parallel import init_parallel
     from megatron_lead.policy.reference import ReferenceWeights
@@ -121,10 +143,15 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
     reference = ReferenceWeights(model) if cfg.loss.uses_reference else None  # the base weights
     model = wrap_ddp(model, cfg.optim)
     optimizer, scheduler = build_optimizer(model, cfg.optim)
+    offload = TrainStateOffload(model, optimizer) if cfg.rollout.offloads else None
 
-    engine = RolloutEngine(_engine_config(cfg))
+    # vLLM sizes its KV cache from the memory free at its start: the trainer's state waits on
+    # the host meanwhile (on GPU; vLLM checks that gpu_memory_utilization of the GPU is free).
+    with _offloaded(offload):
+        engine = RolloutEngine(_engine_config(cfg))
+        engine.sleep()  # GPU: the first step wakes it like every other (no-op on CPU)
     run = Run(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, reference=reference,
-              engine=engine, weight_sync=make_weight_sync(engine),
+              engine=engine, weight_sync=make_weight_sync(engine), offload=offload,
               grader=Grader(num_workers=cfg.grading.workers, timeout=cfg.grading.timeout),
               encoder=encoder, records=records, prompt_ids=prompt_ids,
               sampler=PromptSampler(len(records), cfg.data.prompts_per_step, seed=cfg.seed),
@@ -171,38 +198,49 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     """One RL step; returns its metrics (the same on every rank)."""
     from megatron.core import parallel_state
 
+    from megatron_lead.gpu_memory import GB, PeakMeter
+    from megatron_lead.policy.parallel import reduce_scalars
     from megatron_lead.rollout.engine import SamplingConfig
     from megatron_lead.rollout.step import rollout_step, sampling_seed
     from megatron_lead.trainer.grading import grade_rollouts
     from megatron_lead.trainer.metrics import PhaseTimer
-    from megatron_lead.trainer.ppo import compute_advantages, ppo_update, reference_pass
+    from megatron_lead.trainer.ppo import (
+        compute_advantages, mini_batches, old_logprob_pass, ppo_update, reference_pass)
 
     cfg, timer = run.cfg, PhaseTimer()
     num_updates = cfg.data.prompts_per_step // cfg.ppo.mini_batch_prompts
-    packing = dict(pack=cfg.ppo.pack_sequences, max_tokens=cfg.ppo.max_tokens_per_micro_batch)
     with timer("data"):
         indices = run.sampler.next_batch()
         prompts = [run.prompt_ids[i] for i in indices]
         answers = [run.records[i].answer for i in indices]
-    with timer("rollout"):
+    with timer("rollout"), _offloaded(run.offload):
         sampling = SamplingConfig(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_response_len=cfg.rollout.max_response_len)
-        batch = rollout_step(run.model, run.engine, run.weight_sync, prompts, sampling,
-                             micro_batch_size=cfg.ppo.micro_batch_size, pad_id=run.encoder.pad_token_id,
+        after_sync = run.offload.offload_weights if run.offload and cfg.rollout.offload_weights else None
+        batch = rollout_step(run.model, run.engine, run.weight_sync, prompts, sampling, pad_id=run.encoder.pad_token_id,
                              seeds=[sampling_seed(cfg.seed, step, i) for i in indices],
-                             vllm_tp=cfg.rollout.tensor_parallel_size, num_mini_batches=num_updates, **packing)
+                             vllm_tp=cfg.rollout.tensor_parallel_size, num_mini_batches=num_updates,
+                             after_sync=after_sync)
     with timer("grade"):
         scores, reasons = grade_rollouts(run.grader, run.encoder.decode, batch.all_rollouts, answers)
     with timer("advantages"):
         result = compute_advantages(run.lead, batch, scores, len(prompts))
+    memory = PeakMeter()  # GPU only: the Megatron passes, vLLM asleep
+    with timer("old_logprobs"):
+        batches = mini_batches(batch, result.advantages, num_updates, cfg.ppo.micro_batch_size,
+                               pack=cfg.ppo.pack_sequences, max_tokens=cfg.ppo.max_tokens_per_micro_batch)
+        logprob_metrics = old_logprob_pass(run.model, batches, cfg.loss.temperature)
     with timer("reference"):
-        ref = reference_pass(run.model, run.reference, batch, cfg.ppo.micro_batch_size, cfg.loss.temperature,
-                             **packing)
+        reference_pass(run.model, run.reference, batches, cfg.loss.temperature)
     with timer("train"):
-        train = ppo_update(run.model, run.optimizer, run.scheduler, batch, result.advantages, ref, cfg.loss,
-                           num_updates, cfg.ppo.epochs, cfg.ppo.micro_batch_size, **packing)
-    metrics = {**batch.metrics, **_rollout_metrics(batch, scores, reasons, result,
-                                                    parallel_state.get_data_parallel_group()), **train}
+        train = ppo_update(run.model, run.optimizer, run.scheduler, batches, cfg.loss, cfg.ppo.epochs)
+    metrics = {**batch.metrics, **logprob_metrics,
+               **_rollout_metrics(batch, scores, reasons, result, parallel_state.get_data_parallel_group()),
+               **train}
+    if memory.active:
+        peak, reserved = reduce_scalars([memory.peak_bytes() / GB, memory.reserved_bytes() / GB],
+                                        [dist.group.WORLD], dist.ReduceOp.MAX)
+        metrics.update({"memory/peak_train_gb": peak, "memory/reserved_gb": reserved})
     metrics.update(timer.metrics())
     metrics["perf/generated_tokens_per_second"] = metrics["rollout/generated_tokens"] / max(
         metrics["time/rollout_seconds"], 1e-9)
@@ -220,9 +258,10 @@ def _validate(run: Run) -> dict:
 
     if not run.val:
         return {}
-    return validate(run.model, run.engine, run.weight_sync, run.grader, run.encoder.decode, run.val["prompts"],
-                    run.val["answers"], run.val["levels"], run.cfg.rollout.max_response_len,
-                    run.cfg.rollout.tensor_parallel_size)
+    with _offloaded(run.offload):
+        return validate(run.model, run.engine, run.weight_sync, run.grader, run.encoder.decode,
+                        run.val["prompts"], run.val["answers"], run.val["levels"],
+                        run.cfg.rollout.max_response_len, run.cfg.rollout.tensor_parallel_size)
 
 
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict:

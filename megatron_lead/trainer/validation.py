@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from megatron_lead.rollout.engine import SamplingConfig
-from megatron_lead.rollout.step import generate_distributed
-from megatron_lead.rollout.sync import sync_policy_weights
+from megatron_lead.rollout.step import generate_with_current_weights
 from megatron_lead.trainer.grading import grade_rollouts
 
 
@@ -19,11 +18,9 @@ def validate(model: list, engine, weight_sync, grader, decode, prompts: list[lis
     """Collective: {accuracy, mean_length, truncated_frac, count, levels: {level: the same}}."""
     if not prompts:
         return {}
-    engine.wake_up()
-    sync_policy_weights(model, weight_sync)
     greedy = SamplingConfig(n=1, temperature=0.0, max_response_len=max_response_len)
-    rollouts, _ = generate_distributed(engine, prompts, [0] * len(prompts), greedy, vllm_tp)
-    engine.sleep()
+    rollouts = generate_with_current_weights(model, engine, weight_sync, prompts, [0] * len(prompts), greedy,
+                                             vllm_tp=vllm_tp).rollouts
     scores, _ = grade_rollouts(grader, decode, rollouts, answers)
     lengths = [len(r.response_ids) for r in rollouts]
     out = summarise(scores, lengths, [r.truncated for r in rollouts])

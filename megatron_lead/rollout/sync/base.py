@@ -15,7 +15,8 @@ from megatron_lead.rollout.sync.stream import (
 
 log = logging.getLogger("megatron_lead.rollout.sync")
 
-TRANSPORTS = ("reload", "ipc", "nccl")
+# One transport: the engine always runs in the trainer's process (rollout.engine), CPU and GPU.
+TRANSPORTS = ("reload",)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class WeightSync(ABC):
 
         start = time.perf_counter()
         buckets = counted(iter_buckets(named_tensors, bucket_bytes))
-        if self.engine is None and self.drains_without_engine():
+        if self.engine is None:
             for _ in buckets:
                 pass
         else:
@@ -78,35 +79,19 @@ class WeightSync(ABC):
         log.info(stats.line())
         return stats
 
-    def drains_without_engine(self) -> bool:
-        """A rank without an engine only iterates the stream (True), or still pushes (collectives)."""
-        return True
 
-    def close(self) -> None:
-        """Release transport resources (communicators); the engine stays up."""
+def make_weight_sync(engine=None, transport: str = "auto") -> WeightSync:
+    """The transport for this engine: "reload", the in-process worker loading the stream.
 
-
-def make_weight_sync(engine=None, transport: str = "auto", **transport_args) -> WeightSync:
-    """The transport for this engine: "reload" for an in-process (colocated or CPU) engine, else the
-    engine's weight_transfer backend ("nccl" for a separate engine).
-
-    engine: this rank's RolloutEngine, or None on a rank that hosts none. transport_args go to
-    the GPU transport (`transfer_api.TransferApiWeightSync`: metadata, nccl_init, bucket_bytes).
+    engine: this rank's RolloutEngine, or None on a rank that hosts none.
     """
     if transport == "auto":
-        if engine is None or engine.in_process:
-            transport = "reload"
-        else:
-            transport = engine.config.weight_transfer or "nccl"
+        transport = "reload"
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown weight-sync transport {transport!r}; use one of {TRANSPORTS}")
-    if transport == "reload":
-        from megatron_lead.rollout.sync.reload import ReloadWeightSync
+    from megatron_lead.rollout.sync.reload import ReloadWeightSync
 
-        return ReloadWeightSync(engine)
-    from megatron_lead.rollout.sync.transfer_api import TransferApiWeightSync
-
-    return TransferApiWeightSync(engine, backend=transport, **transport_args)
+    return ReloadWeightSync(engine)
 
 
 def sync_policy_weights(model_chunks: list, weight_sync: WeightSync, hf_config: Any = None,

@@ -1,14 +1,18 @@
-"""CPU transport: the in-process vLLM worker reloads its weights from our iterator.
+"""The transport (CPU and GPU): the in-process vLLM worker reloads its weights from our iterator.
 
-`model_runner.reload_weights(weights_iterator=...)` runs vLLM's own checkpoint loader over the
-stream (so HF names and layouts are all it needs, and packed QKV / gate-up params are filled the
-way vLLM fills them at start-up) and processes each layer as soon as all its tensors have
-arrived, so only the current bucket and one partly-loaded layer are held at any time. One reload
-call spans all buckets: a layer split over two buckets is still loaded whole.
+The worker's `reload_weights(weights_iterator=...)` (vllm/v1/worker/gpu_worker.py `Worker`, which
+the CPU worker subclasses) sets vLLM's current config and runs the model runner's in-place reload:
+vLLM's own checkpoint loader over the stream (so HF names and layouts are all it needs, and packed
+QKV / gate-up params are filled the way vLLM fills them at start-up), processing each layer as
+soon as all its tensors have arrived, so only the current bucket and one partly-loaded layer are
+held at any time. One reload call spans all buckets: a layer split over two buckets is still
+loaded whole. It also fills weights that a level-2 sleep left uninitialised (`engine.sleep`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Iterator
 
@@ -39,10 +43,64 @@ def _reprocess_tied_layers(model: torch.nn.Module) -> None:
                 method.process_weights_after_loading(module)
 
 
+# vllm/model_executor/model_loader/reload/layerwise.py (`finalize_layerwise_processing`) warns
+# "<layer class>: Failed to load weights" for every layer that holds tensors but got none.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_NOT_LOADED = "%s: Failed to load weights"
+
+
+def _layers_without_own_weights(model: torch.nn.Module) -> set[str]:
+    """Class names of the layers a checkpoint stream legitimately gives nothing: those whose
+    tensors are all buffers vLLM computes itself (RoPE's cos/sin cache) or parameters another
+    layer owns too (a head tied to the embedding). A layer with a parameter of its own is never
+    in it, so a real miss still warns (and `ReloadWeightSync` raises for a missing tensor)."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders[id(param)] = holders.get(id(param), 0) + 1
+    names = set()
+    for module in model.modules():
+        params = [p for p in module._parameters.values() if p is not None]
+        if not params and not any(b is not None for b in module._buffers.values()):
+            continue
+        if all(holders[id(p)] > 1 for p in params):
+            names.add(type(module).__name__)
+    return names
+
+
+class _ExpectedNotLoadedFilter(logging.Filter):
+    def __init__(self, layer_names: set[str]):
+        super().__init__()
+        self.layer_names = layer_names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == _NOT_LOADED and len(record.args or ()) == 1
+                    and record.args[0] in self.layer_names)
+
+
+@contextlib.contextmanager
+def _quiet_expected_not_loaded(model: torch.nn.Module):
+    """During one reload, drop vLLM's "Failed to load weights" warnings for exactly the layers of
+    `_layers_without_own_weights` (two lines per sync otherwise, every step); vLLM keeps their
+    tensors as they are, which is right for them."""
+    quiet = _ExpectedNotLoadedFilter(_layers_without_own_weights(model))
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _reload_in_worker(worker, weights: Iterator[NamedTensor]) -> None:
-    # Runs inside vLLM's worker (this process: the CPU engine is in-process).
-    worker.model_runner.reload_weights(weights_iterator=weights)
-    _reprocess_tied_layers(worker.model_runner.get_model())
+    """Runs inside vLLM's worker (this process: the engine is in-process). Through the worker, not
+    its model runner: the worker sets vLLM's current config, which custom ops and quantisation
+    methods read while weights are processed."""
+    model = worker.get_model()
+    with _quiet_expected_not_loaded(model):
+        worker.reload_weights(weights_iterator=weights)
+    _reprocess_tied_layers(model)
 
 
 def checkpoint_tensor_names(model_path: str | Path) -> set[str] | None:

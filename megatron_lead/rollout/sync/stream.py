@@ -51,19 +51,3 @@ def policy_weight_stream(model_chunks: list, hf_config: Any = None,
 
     for name, tensor in iter_hf_weights(model_chunks, hf_config):
         yield name, tensor if dtype is None else tensor.to(dtype)
-
-
-def policy_weight_metadata(model_chunks: list, dtype: torch.dtype | None = None
-                           ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """(hf_name, dtype, shape) of every tensor `policy_weight_stream` yields, in its order, without
-    gathering anything (the GPU transports declare it to vLLM before the first sync)."""
-    from megatron.core import parallel_state
-
-    from megatron_lead.policy.convert.mapping import hf_shapes, placements
-    from megatron_lead.policy.model import unwrap
-
-    model = unwrap(model_chunks[0])
-    dtype = dtype or next(model.parameters()).dtype
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    return [(name, dtype, shape) for p in placements(model.arch, pp)
-            for name, shape in zip(p.hf_names, hf_shapes(p, model.arch))]
