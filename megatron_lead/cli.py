@@ -23,6 +23,8 @@ COMMANDS = {
     "grade": "megatron_lead.rewards.cli",
     "eval": "megatron_lead.eval.cli",
     "compare": "megatron_lead.eval.compare",
+    "plan": "megatron_lead.plan.cli",
+    "prepare-data": "megatron_lead.data.prepare",
 }
 
 

@@ -51,11 +51,13 @@ def run(args: argparse.Namespace) -> int:
     from megatron_lead.trainer.config import dump_yaml, load_config
 
     cfg = load_config(args.config, args.overrides)
-    world = _world_size(args)
     if args.print_config:
-        cfg.validate(world_size=world, check_paths=False)
+        # A login node without GPUs prints any config: the world size is checked when a run
+        # starts (below), not when the config is printed (a 16-GPU recipe prints on 1 process).
+        cfg.validate(check_paths=False)
         sys.stdout.write(dump_yaml(cfg))
         return 0
+    world = _world_size(args)
     cfg.validate(world_size=world)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines drown the progress bar
     if "WORLD_SIZE" in os.environ or world == 1:

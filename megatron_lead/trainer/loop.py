@@ -98,6 +98,21 @@ def _offloaded(offload, weights: bool = False):
         offload.reload()
 
 
+def _check_memory_plan(cfg: TrainConfig, world: int) -> None:
+    """Print the memory planner's estimate for this run (rank 0); on a GPU too small for a phase's
+    planned peak, stop every rank with that line before anything is allocated (plan/config.py)."""
+    from megatron_lead.plan import estimate_for_train_config
+
+    gpu_gb = None
+    if torch.cuda.is_available():
+        gpu_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    line, fits = estimate_for_train_config(cfg, world, gpu_gb)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
+    if not fits:
+        raise ValueError(line)
+
+
 def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
     """Collective: process groups, data, policy, optimizer, reference, vLLM, grader, LEAD; resume."""
     from megatron.core import parallel_state
@@ -119,6 +134,7 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     cfg.validate(world_size=world)  # before anything heavy
+    _check_memory_plan(cfg, world)
     init_parallel(tp, pp, seed=cfg.seed)
     if dist.get_rank() == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
