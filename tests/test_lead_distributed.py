@@ -13,7 +13,7 @@ from megatron_lead.lead import LeadConfig
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "replay" / "rollouts.jsonl"
 # One method per kind of target reduction: sum (mean), min (SOL), gather (median), plus the
 # combined normalisation and a static-weight baseline.
-METHODS = ["lead", "sol", "lead_median", "grpo_combined", "budget"]
+METHODS = ["lead", "lead_min_target", "lead_median", "grpo_combined", "budget"]
 
 
 def _all_methods_on_rank(rank, world_size, steps, cfg_dicts, seed):

@@ -42,10 +42,14 @@ METHODS: dict[str, tuple[str, dict]] = {
     "grpo_combined_w0.3": ("GRPO, combined reward, length weight 0.3",
                            {"method": "grpo_combined", "static_w_corr": 0.7}),
     "static": ("decoupled, static weights 0.5/0.5 (GDPO-style; = LEAD without PSI)", {"method": "static"}),
-    "sol": ("ShorterBetter: shortest correct rollout as target", {"method": "sol"}),
+    "lead_min_target": ("LEAD with the shortest correct rollout as target (an ablation)",
+                        {"method": "lead_min_target"}),
+    "shorterbetter": ("ShorterBetter: 2 x correct - 0.001 |L - SOL|, one group normalisation",
+                      {"method": "shorterbetter"}),
+    "kimi": ("Kimi k1.5 length reward added to correctness, one group normalisation", {"method": "kimi"}),
     "budget": ("one global length budget B", {"method": "budget"}),
     "lead_global_target": ("LEAD without the adaptive target (global target B)", {"method": "lead_global_target"}),
-    "drpo": ("DRPO-style: length bonus normalised within the correct rollouts", {"method": "drpo"}),
+    "drpo_style": ("DRPO's decoupled advantages inside the PPO loss", {"method": "drpo_style"}),
 }
 WARM = "warm_start"
 

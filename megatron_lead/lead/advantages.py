@@ -9,16 +9,18 @@ The whole method in one place (LEAD_SPEC.md sections 1-6):
   5. combination + whitening    A = w_corr A_corr + w_eff A_eff, whitened over response tokens
   6. weights                    PSI controller (controller.py) from the raw reward moments
 
-DRPO-style decoupling (normalisation "drpo"; a baseline, not DRPO's full objective). With binary
-scores, for prompt q with correct rollouts K_q (k_q of them) and S_q = sum_{j in K_q} exp(r_eff_j / tau):
+DRPO's decoupled advantages (normalisation "drpo", the `drpo_style` preset; Li et al., arXiv
+2510.04474). In a prompt q with both correct rollouts K_q and wrong ones N_q (G_q rollouts):
 
-  A_i = w_corr A_corr_i                                     wrong i
-  A_i = w_corr A_corr_i + w_eff k_q exp(r_eff_i / tau) / S_q  correct i
+  A_i =  G_q w_i / sum_{K_q} w          correct i,  w_i = exp((1 - L_i / l_max) / drpo_lambda)
+  A_j = -G_q e_j / sum_{N_q} e          wrong j,    e_j = exp(s_j / drpo_tau), s_j its mean token log-prob
 
-A_corr is GRPO's group-normalised correctness (>= 0 for a correct rollout), and the length bonus
-is a softmax over the correct rollouts only (mean 1 over them, always > 0): the length signal is
-normalised within the correct rollouts, so a correct rollout never gets a negative advantage, and
-wrong rollouts get no length signal at all. S_q is one more per-prompt sum (column "x").
+and 0 in a prompt whose rollouts are all correct or all wrong. With a loss that averages each
+sequence's tokens and then the sequences (loss.aggregation=seq_mean_token_mean) this is the
+gradient of DRPO's objective at ratio 1: the length preference is normalised within the correct
+rollouts alone, so a correct rollout never gets a negative advantage. The four per-prompt sums (G,
+K, sum w, sum e) are columns of the moment table below; the token moments of the result (metrics
+only: the preset is not whitened) take one more all-reduce.
 
 Data parallelism. Each rank holds any subset of the batch's rollouts; a rollout carries its
 prompt's global index. Everything is derived from per-prompt *sums*, so two all-reduces make
@@ -56,12 +58,20 @@ class RolloutShard:
     """[n]: correctness score from the grader (1.0 correct, 0.0 wrong)."""
     num_prompts: int
     """Number of prompts in the global batch (same on every rank)."""
+    mean_logprob: torch.Tensor | None = None
+    """[n]: mean sampling log-prob of each rollout's response tokens (DRPO's score of a wrong
+    rollout); None: all equal (the softmax over wrong rollouts is then uniform)."""
 
     def __post_init__(self):
         self.prompt_index = torch.as_tensor(self.prompt_index, dtype=torch.int64).reshape(-1)
         self.length = torch.as_tensor(self.length, dtype=torch.float64).reshape(-1)
         self.score = torch.as_tensor(self.score, dtype=torch.float64).reshape(-1)
+        if self.mean_logprob is not None:
+            self.mean_logprob = torch.as_tensor(self.mean_logprob, dtype=torch.float64).reshape(-1)
         n = self.prompt_index.numel()
+        if self.mean_logprob is not None and self.mean_logprob.numel() != n:
+            raise ValueError(f"rollout shard: mean_logprob ({self.mean_logprob.numel()}) and prompt_index "
+                             f"({n}) must have the same size")
         if self.length.numel() != n or self.score.numel() != n:
             raise ValueError(f"rollout shard: prompt_index ({n}), length ({self.length.numel()}) and "
                              f"score ({self.score.numel()}) must have the same size")
@@ -108,6 +118,13 @@ def target_lengths(shard: RolloutShard, correct: torch.Tensor, cfg: LeadConfig,
         agg.scatter_reduce_(0, idx[correct], L[correct], reduce="amin")
         agg = reducer.min(agg)
         found = torch.isfinite(agg)
+    elif cfg.target == "sol":  # ShorterBetter: no clamp, the mean of all when none is correct
+        agg = torch.full((P,), math.inf, dtype=torch.float64)
+        agg.scatter_reduce_(0, idx[correct], L[correct], reduce="amin")
+        agg = reducer.min(agg)
+        sums = reducer.sum(torch.stack([torch.bincount(idx, minlength=P).double(),
+                                        torch.bincount(idx, weights=L, minlength=P)], dim=1))
+        return torch.where(torch.isfinite(agg), agg, sums[:, 1] / sums[:, 0].clamp_min(1.0))
     elif cfg.target == "median_correct":
         pairs = reducer.gather_cat(torch.stack([idx[correct].double(), L[correct]], dim=1))
         agg, found = _group_median(pairs[:, 0].long(), pairs[:, 1], P)
@@ -135,27 +152,39 @@ def _group_median(group: torch.Tensor, values: torch.Tensor, P: int):
 
 # --------------------------------------------------------------------- 2. efficiency reward
 
-def efficiency_reward(length: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """r_eff per rollout given each rollout's prompt target (both in tokens)."""
+def efficiency_reward(length: torch.Tensor, target: torch.Tensor, kind: str, correct: torch.Tensor | None = None,
+                      group_min: torch.Tensor | None = None, group_max: torch.Tensor | None = None,
+                      cfg: LeadConfig | None = None) -> torch.Tensor:
+    """r_eff per rollout given each rollout's prompt target (both in tokens).
+
+    correct: bool per rollout (kimi, l1_max); group_min / group_max: the shortest and longest
+    rollout of each rollout's prompt (kimi); cfg: l1_alpha and l1_delta (l1_max)."""
     if kind == "symmetric":
         return torch.clamp(1.0 - (length - target).abs() / target, min=-1.0)
     if kind == "budget":  # free up to the budget, then -1 at twice the budget
         return torch.clamp(-(length - target).clamp_min(0.0) / target, min=-1.0)
     if kind == "none":
         return torch.zeros_like(length)
+    if kind == "absolute":  # ShorterBetter, L1-Exact: minus the distance in tokens
+        return -(length - target).abs()
+    if kind == "kimi":  # Kimi k1.5: lambda if correct, min(0, lambda) if not; 0 if all one length
+        span = group_max - group_min
+        lam = torch.where(span > 0, 0.5 - (length - group_min) / span.clamp_min(1e-300), 0.0)
+        return torch.where(correct, lam, lam.clamp(max=0.0))
+    if kind == "l1_max":  # L1-Max: a correct answer's reward falls linearly past the budget
+        return torch.where(correct, (cfg.l1_alpha * (target - length) + cfg.l1_delta).clamp(0.0, 1.0), 0.0)
     raise ValueError(kind)
 
 
 # --------------------------------------------------------- per-prompt moments (one reduce)
 
 # Columns of the per-prompt moment table: c = r_corr, e = r_eff, w = tokens, k = correct,
-# x = k exp(r_eff / drpo_tau) (the DRPO-style softmax numerators; zeros for other methods).
-_COLS = ("n", "c", "cc", "e", "ee", "ce", "w", "wc", "we", "wcc", "wee", "wce", "k", "ke", "kee",
-         "x", "wx", "wxx", "wcx")
+# x, y = DRPO's weights of correct and of wrong rollouts (zeros for other methods).
+_COLS = ("n", "c", "cc", "e", "ee", "ce", "w", "wc", "we", "wcc", "wee", "wce", "k", "ke", "kee", "x", "y")
 _C = {name: i for i, name in enumerate(_COLS)}
 
 
-def prompt_moments(idx, c, e, w, k, P: int, reducer: GroupReducer, x=None) -> torch.Tensor:
+def prompt_moments(idx, c, e, w, k, P: int, reducer: GroupReducer, x=None, y=None) -> torch.Tensor:
     """[P, len(_COLS)] per-prompt sums over the whole batch (one all-reduce)."""
     X = torch.empty(len(_COLS), idx.numel(), dtype=torch.float64)  # row per column, contiguous
     X[_C["n"]].fill_(1.0)
@@ -173,13 +202,8 @@ def prompt_moments(idx, c, e, w, k, P: int, reducer: GroupReducer, x=None) -> to
     X[_C["k"]].copy_(k)
     torch.mul(X[_C["k"]], e, out=X[_C["ke"]])
     torch.mul(X[_C["ke"]], e, out=X[_C["kee"]])
-    if x is None:
-        X[_C["x"]:].zero_()
-    else:
-        X[_C["x"]].copy_(x)
-        torch.mul(w, x, out=X[_C["wx"]])
-        torch.mul(X[_C["wx"]], x, out=X[_C["wxx"]])
-        torch.mul(X[_C["wx"]], c, out=X[_C["wcx"]])
+    for name, v in (("x", x), ("y", y)):
+        X[_C[name]].zero_() if v is None else X[_C[name]].copy_(v)
     sums = torch.zeros(len(_COLS), P, dtype=torch.float64).index_add_(1, idx, X)
     return reducer.sum(sums.t().contiguous())
 
@@ -234,15 +258,8 @@ def psi_statistics(M: torch.Tensor) -> tuple[float, float, float, float]:
 
 
 def affine_coefficients(M: torch.Tensor, w_corr: float, w_eff: float, cfg: LeadConfig):
-    """Per-prompt (a, b, d) with A = a + b*r_corr + d*r_eff, the combined group-normalised advantage
-    (for "drpo": A = a + b*r_corr + d*x, x = k exp(r_eff / drpo_tau), see the module docstring)."""
+    """Per-prompt (a, b, d) with A = a + b*r_corr + d*r_eff, the combined group-normalised advantage."""
     n, eps = M[:, _C["n"]], cfg.group_std_eps
-    if cfg.normalisation == "drpo":
-        m_c, v_c, const_c = _mean_var(M[:, _C["c"]], M[:, _C["cc"]], n, unbiased=True)
-        b = torch.where(const_c, 0.0, w_corr / (v_c.sqrt() + eps))
-        S = M[:, _C["x"]]
-        d = torch.where(S > 0, w_eff * M[:, _C["k"]] / S.clamp_min(1e-300), 0.0)
-        return -b * m_c, b, d
     if cfg.normalisation == "decoupled":
         m_c, v_c, const_c = _mean_var(M[:, _C["c"]], M[:, _C["cc"]], n, unbiased=True)
         m_e, v_e, const_e = _mean_var(M[:, _C["e"]], M[:, _C["ee"]], n, unbiased=True)
@@ -257,20 +274,33 @@ def affine_coefficients(M: torch.Tensor, w_corr: float, w_eff: float, cfg: LeadC
     return -m_r * inv, w_corr * inv, w_eff * inv
 
 
-def token_whitening_moments(M: torch.Tensor, a, b, d, third: str = "e"):
-    """(N tokens, mean, unbiased var) of the advantage over all response tokens, from sums.
-
-    third: the column d multiplies ("e" = r_eff; "x" for the DRPO-style bonus)."""
+def token_whitening_moments(M: torch.Tensor, a, b, d):
+    """(N tokens, mean, unbiased var) of the advantage over all response tokens, from sums."""
     S = lambda name: M[:, _C[name]]  # noqa: E731
     N = float(S("w").sum())
-    s1 = float((a * S("w") + b * S("wc") + d * S(f"w{third}")).sum())
-    s2 = float((a * a * S("w") + b * b * S("wcc") + d * d * S(f"w{third}{third}")
-                + 2 * a * b * S("wc") + 2 * a * d * S(f"w{third}") + 2 * b * d * S(f"wc{third}")).sum())
+    s1 = float((a * S("w") + b * S("wc") + d * S("we")).sum())
+    s2 = float((a * a * S("w") + b * b * S("wcc") + d * d * S("wee")
+                + 2 * a * b * S("wc") + 2 * a * d * S("we") + 2 * b * d * S("wce")).sum())
+    return _token_moments(N, s1, s2)
+
+
+def _token_moments(N: float, s1: float, s2: float):
     if N <= 0:
         return N, 0.0, 0.0
     mean = s1 / N
     var = max(s2 - N * mean * mean, 0.0) / (N - 1.0) if N > 1 else 0.0
     return N, mean, var
+
+
+def drpo_advantages(M: torch.Tensor, idx, correct, x, y, reducer: GroupReducer, L):
+    """DRPO's decoupled advantages (module docstring) and their token moments (one all-reduce)."""
+    n, k, X, Y = (M[:, _C[name]] for name in ("n", "k", "x", "y"))
+    valid = (k > 0) & (k < n)
+    pos = torch.where(valid & (X > 0), n / X.clamp_min(1e-300), 0.0).index_select(0, idx)
+    neg = torch.where(valid & (Y > 0), n / Y.clamp_min(1e-300), 0.0).index_select(0, idx)
+    adv = torch.where(correct, pos * x, -neg * y)
+    s = reducer.sum(torch.stack([L.sum(), (L * adv).sum(), (L * adv * adv).sum()]))
+    return adv, _token_moments(*(float(v) for v in s))
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -291,10 +321,20 @@ class AdvantageComputer:
         r_corr = shard.score
 
         targets = target_lengths(shard, correct, cfg, self.reducer)
-        r_eff = efficiency_reward(L, targets.index_select(0, idx), cfg.reward)
+        group_min = group_max = None
+        if cfg.reward == "kimi":  # the prompt's shortest and longest rollout, correct or not
+            lo = torch.full((P,), math.inf, dtype=torch.float64).scatter_reduce_(0, idx, L, reduce="amin")
+            hi = torch.full((P,), math.inf, dtype=torch.float64).scatter_reduce_(0, idx, -L, reduce="amin")
+            lo, hi = self.reducer.min(torch.stack([lo, hi]))
+            group_min, group_max = lo.index_select(0, idx), -hi.index_select(0, idx)
+        r_eff = efficiency_reward(L, targets.index_select(0, idx), cfg.reward, correct, group_min, group_max, cfg)
         drpo = cfg.normalisation == "drpo"
-        x = torch.where(correct, torch.exp(r_eff / cfg.drpo_tau), 0.0) if drpo else None
-        M = prompt_moments(idx, r_corr, r_eff, L, correct, P, self.reducer, x)
+        x = y = None
+        if drpo:
+            x = torch.where(correct, torch.exp((1.0 - L / cfg.l_max) / cfg.drpo_lambda), 0.0)
+            s = torch.zeros_like(L) if shard.mean_logprob is None else shard.mean_logprob
+            y = torch.where(correct, 0.0, torch.exp(s / cfg.drpo_tau))
+        M = prompt_moments(idx, r_corr, r_eff, L, correct, P, self.reducer, x, y)
 
         mu_c, sigma_c, mu_e, sigma_e = psi_statistics(M)
         if cfg.weighting == "psi":
@@ -302,12 +342,15 @@ class AdvantageComputer:
             w_corr, w_eff = psi["w_corr"], psi["w_eff"]
         else:
             psi = {}
-            w_corr, w_eff = cfg.static_w_corr, 1.0 - cfg.static_w_corr
+            w_corr, w_eff = cfg.weights
 
-        a, b, d = affine_coefficients(M, w_corr, w_eff, cfg)
-        a_i, b_i, d_i = torch.stack([a, b, d]).index_select(1, idx)
-        raw = a_i + b_i * r_corr + d_i * (x if drpo else r_eff)
-        n_tok, w_mean, w_var = token_whitening_moments(M, a, b, d, "x" if drpo else "e")
+        if drpo:
+            raw, (n_tok, w_mean, w_var) = drpo_advantages(M, idx, correct, x, y, self.reducer, L)
+        else:
+            a, b, d = affine_coefficients(M, w_corr, w_eff, cfg)
+            a_i, b_i, d_i = torch.stack([a, b, d]).index_select(1, idx)
+            raw = a_i + b_i * r_corr + d_i * r_eff
+            n_tok, w_mean, w_var = token_whitening_moments(M, a, b, d)
         adv = (raw - w_mean) / math.sqrt(w_var + cfg.whiten_eps) if cfg.whiten else raw
 
         metrics = self._metrics(M, targets, mu_c, sigma_c, mu_e, sigma_e, w_corr, w_eff, psi,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from megatron_lead.lead.config import METHODS, LeadConfig
+from megatron_lead.lead.config import METHODS, LeadConfig, check_method
 from megatron_lead.policy.loss import LossConfig
 from megatron_lead.policy.optim import OptimConfig
 
@@ -395,8 +395,7 @@ def build_config(values: dict[str, object]) -> TrainConfig:
             raise _unknown(key)
     lead = dict(parts.pop("lead"))
     method = lead.pop("method", "lead")
-    if method not in METHODS:
-        raise ValueError(f"lead.method={method!r} is not one of {', '.join(METHODS)}")
+    check_method(method)
     cfg = TrainConfig(**top, **{name: sections[name](**kw) for name, kw in parts.items()})
     # l_max follows the maximum response length unless set (validate() rejects a mismatch).
     lead.setdefault("l_max", float(cfg.rollout.max_response_len))

@@ -37,9 +37,11 @@ def compute_advantages(lead: AdvantageComputer, batch, scores: list[float], num_
 
     scores: the correctness score of every rollout of the step (global list order).
     """
+    tokens = batch.response_mask.sum(1).clamp_min(1)
     shard = RolloutShard(prompt_index=[r.prompt_index for r in batch.rollouts],
                          length=batch.response_lens, score=[scores[i] for i in batch.rows],
-                         num_prompts=num_prompts)
+                         num_prompts=num_prompts,  # vLLM's mean log-prob: DRPO's score of a rollout
+                         mean_logprob=batch.rollout_logprobs.double().sum(1) / tokens)
     return lead(shard)
 
 
