@@ -5,7 +5,8 @@
 1. data       the built-in task (data/arith.py): training split and the fixed held-out split
 2. warm start a 1M-parameter Qwen2 trained from scratch through Megatron on the verbose worked
               solutions (`megatron-lead sft`); cached under --warmstart, so a second run skips it
-3. RL         `megatron-lead train` with the config (LEAD by default), vLLM rollouts; greedy
+3. RL         `megatron-lead train` with the config (LEAD by default; every output names the
+              method that ran, e.g. `lead.method=grpo`), vLLM rollouts; greedy
               evaluation of the held-out split before the first step and after the last
 4. report     per-level table of accuracy and mean response length before and after, and
               `report.png`, in the run folder (with metrics.jsonl, TensorBoard, summary.json, hf/)
@@ -18,13 +19,9 @@ import json
 import os
 import time
 
+from megatron_lead.trainer.warmstart import SFT_SETTINGS, prepare
+
 HELP = "the main job: warm-start a small model on the built-in task, then shorten its answers with LEAD"
-
-# The warm start: about 7 CPU-minutes of packed SFT on the 2-core machine (settings compared in
-# docs/RESULTS.md, items 4, 9 and 10: fewer steps, padded or length-bucketed batches solve far less).
-SFT_SETTINGS = dict(steps=1200, batch_size=32, micro_batch_size=32, lr=5e-3, warmup_steps=20, seed=0,
-                    pack_max_tokens=8192)
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
@@ -33,22 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft-steps", type=int, default=SFT_SETTINGS["steps"], help="SFT optimizer steps")
     p.add_argument("--nproc", type=int, default=1, help="local processes of the RL run")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the RL config")
-
-
-def prepare(warm: str, sft_steps: int):
-    """Task data, tokenizer, model config and the SFT settings; returns (SFTConfig, data paths)."""
-    from megatron_lead.data import arith
-    from megatron_lead.trainer.sft import SFTConfig
-
-    paths = arith.write_splits(os.path.join(warm, "data"))
-    arith.save_task_tokenizer(os.path.join(warm, "tokenizer"))
-    config_path = os.path.join(warm, "config.json")
-    with open(config_path, "w") as f:
-        json.dump(arith.qwen2_config(), f, indent=2)
-    sft = SFTConfig(data=paths["train"], tokenizer=os.path.join(warm, "tokenizer"), out=os.path.join(warm, "model"),
-                    model_config=config_path, **{**SFT_SETTINGS, "steps": sft_steps,
-                                                 "warmup_steps": min(SFT_SETTINGS["warmup_steps"], sft_steps // 10)})
-    return sft, paths
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
         _in_child(run_sft, sft)  # its own process: Megatron's groups end with it
     sft_seconds = time.perf_counter() - start
 
-    print("[2/3] LEAD RL with vLLM rollouts (held-out evaluation before and after)")
     overrides = [f"run_dir={args.out}", f"model.path={sft.out}", f"data.train_path={paths['train']}",
                  f"data.val_path={paths['heldout']}"] + list(args.overrides)
+    method = _method(args.config, overrides)
+    print(f"[2/3] RL ({method_label(method)}) with vLLM rollouts (held-out evaluation before and after)")
     train_run(argparse.Namespace(config=args.config, overrides=overrides, resume=False, print_config=False,
                                  nproc=args.nproc))
 
@@ -82,12 +64,23 @@ def run(args: argparse.Namespace) -> int:
         "steps": sft.steps, "cached": sft_seconds < 5}}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print("[3/3] held-out split, greedy decoding, before and after RL:")
+    print(f"[3/3] held-out split, greedy decoding, before and after RL ({method_label(method)}):")
     print(table(before, after))
     print(f"\nmean length {change(before['mean_length'], after['mean_length']):+.1f}%, accuracy "
           f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points; plot {png}; "
           f"run folder {args.out}; {total / 60:.1f} min")
     return 0
+
+
+def method_label(method: str) -> str:
+    """How outputs name the method that ran: "LEAD" for lead, else the preset's own name."""
+    return "LEAD" if method == "lead" else method
+
+
+def _method(config: str, overrides: list[str]) -> str:
+    from megatron_lead.trainer.config import load_config
+
+    return load_config(config, overrides).lead.method
 
 
 def _in_child(fn, *args):

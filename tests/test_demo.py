@@ -145,7 +145,10 @@ def test_demo_end_to_end_at_toy_size(tmp_path):
     assert open(out / "report.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(out / "hf" / "config.json") and os.path.isfile(out / "metrics.jsonl")
     assert any(f.startswith("events.out") for f in os.listdir(out / "tensorboard"))
-    # A second run reuses the warm start.
-    again = _megatron_lead(*argv)
+    assert "RL (LEAD)" in done.stdout
+    # A second run reuses the warm start; every output names the method that ran.
+    again = _megatron_lead(*argv, "lead.method=grpo")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "warm start: cached" in again.stdout
+    assert "RL (grpo)" in again.stdout and "before and after RL (grpo)" in again.stdout
+    assert "LEAD" not in again.stdout.split("warm start: cached")[1]

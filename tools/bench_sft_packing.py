@@ -25,7 +25,7 @@ def _one(rank, world, cfg):
 
 
 def main() -> None:
-    from megatron_lead import demo
+    from megatron_lead.trainer import warmstart
     from megatron_lead.launch import run_local
     from megatron_lead.trainer.sft import SFTConfig
 
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        base, _ = demo.prepare(tmp, args.steps)
+        base, _ = warmstart.prepare(tmp, args.steps)
         layouts = [("padded", 0, None), ("packed 2048, loop", 2048, "loop"), ("packed 8192, loop", 8192, "loop"),
                    ("packed 2048, mask", 2048, "mask"), ("packed 8192, mask", 8192, "mask")]
         for name, pack, backend in layouts:

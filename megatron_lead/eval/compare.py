@@ -3,7 +3,7 @@
     megatron-lead compare [--out runs/compare] [--methods all] [--seeds 3] [--steps 8]
         [--prompts-per-step 16] [--max-len 400] [--warmstart runs/warmstart] [key=value ...]
 
-1. warm start  the demo's (demo.prepare + `megatron-lead sft`, cached in --warmstart): one model,
+1. warm start  the demo's (trainer.warmstart.prepare + `megatron-lead sft`, cached in --warmstart): one model,
                shared by every run
 2. runs        `megatron-lead train` per method x seed from it, with examples/arith/lead.yaml and
                the same steps, prompts, rollouts, learning rate and seeds (seed s: the same data
@@ -218,7 +218,7 @@ def markdown(table: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_lead.demo import SFT_SETTINGS, prepare
+    from megatron_lead.trainer.warmstart import SFT_SETTINGS, prepare
     from megatron_lead.eval import cli as eval_cli
     from megatron_lead.eval.aes import AESConstants
     from megatron_lead.eval.benchmarks import resolve

@@ -49,6 +49,17 @@ def read_metrics(run_dir: str) -> list[dict]:
     return out
 
 
+def _lead_settings(run_dir: str) -> dict:
+    """The run's `lead` section (method, weighting) from its config.yaml; {} if there is none."""
+    import yaml
+
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            return (yaml.safe_load(f) or {}).get("lead") or {}
+    except OSError:
+        return {}
+
+
 def plot(run_dir: str, out_png: str | None = None) -> str:
     """Length and accuracy per level before/after; reward, length and w_eff over the steps."""
     import matplotlib
@@ -61,6 +72,8 @@ def plot(run_dir: str, out_png: str | None = None) -> str:
     before, after = summary.get("before", {}), summary.get("after", {})
     steps = read_metrics(run_dir)
     out_png = out_png or os.path.join(run_dir, "report.png")
+    lead = _lead_settings(run_dir)
+    method = lead.get("method", "lead")
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     levels = list(_levels(before))
@@ -90,8 +103,10 @@ def plot(run_dir: str, out_png: str | None = None) -> str:
     ax.plot(s, [m.get("lead/w_eff", float("nan")) for m in steps], label="w_eff used")
     ax.plot(s, [m.get("lead/psi_w_eff_ema", float("nan")) for m in steps], "--", label="w_eff EMA")
     ax.set_xlabel("step")
-    ax.set_title("efficiency weight (PSI controller)")
+    ax.set_title("efficiency weight (PSI controller)" if lead.get("weighting", "psi") == "psi"
+                 else "efficiency weight (static: no controller)")
     ax.legend()
+    fig.suptitle(f"{'LEAD' if method == 'lead' else method} on the built-in task")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -291,7 +291,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     run = build_run(cfg, resume=resume)
     rank0 = dist.get_rank() == 0
     logger = MetricsLogger(cfg.run_dir, cfg.ppo.steps, run.start_step, enabled=rank0,
-                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                           label="LEAD" if cfg.lead.method == "lead" else cfg.lead.method)
     summary = {"data": run.data_stats, "start_step": run.start_step}
     try:
         if run.start_step == 0 and cfg.validation.every > 0:

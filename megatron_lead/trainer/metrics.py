@@ -59,7 +59,8 @@ class MetricsLogger:
     """Appends one JSON line per step and writes the same scalars to TensorBoard (rank 0 only)."""
 
     def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, label: str = "LEAD"):
+        """label: the progress bar's title, the method that runs (not "LEAD" for a baseline)."""
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.writer = None
@@ -76,7 +77,7 @@ class MetricsLogger:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="LEAD", unit="step",
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=label, unit="step",
                             dynamic_ncols=True)
 
     def _truncate_after(self, start_step: int) -> None:
