@@ -106,3 +106,33 @@ def test_shape_of_a_solution():
     assert S.shape(q, "7+3-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}")["steps_share"] == pytest.approx(1 / 3)
     assert S.shape(q, "Answer: \\boxed{7}") == {"ops": 3, "stepped": 0, "jumped": 0, "direct": 3,
                                                 "steps_share": 0.0}
+
+
+def test_the_gate_reads_sample_shapes_and_judges_by_hand():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import arith_shortcuts_gate as gate
+
+    q1, q2 = "Q: 4+3=?\nA: ", "Q: 7+3-5+2=?\nA: "
+    step1, direct1 = "4+3=7.\nAnswer: \\boxed{7}", "Answer: \\boxed{7}"
+    steps2 = "7+3=10, now 10-5+2.\n10-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}"
+    jump2 = "7+3-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}"
+    assert [gate.classify(q1, step1), gate.classify(q1, direct1), gate.classify(q2, jump2)] == ["steps", "direct", "jumps"]
+    samples = ([dict(level=1, problem=q1, response=step1, correct=True)] * 10
+               + [dict(level=1, problem=q1, response=direct1, correct=True)] * 4
+               + [dict(level=3, problem=q2, response=steps2, correct=True)] * 9
+               + [dict(level=3, problem=q2, response=steps2, correct=False)]
+               + [dict(level=3, problem=q2, response=jump2, correct=c) for c in (True, False, False, False)]
+               + [dict(level=3, problem=q2, response=direct1, correct=c) for c in (True, False, False)])
+    t = gate.tabulate(samples)
+    assert t["steps_accuracy"] == pytest.approx(19 / 20)
+    assert t["levels"][3]["jumps"]["accuracy"] == 0.25 and t["levels"][3]["direct"]["n"] == 3
+    assert t["levels"][1]["direct"]["share"] == pytest.approx(4 / 14)
+    # Direct answers fall from level 1 (4/4) to 3 (1/3); only one level has jumps: passed.
+    assert gate.verdict(t) == []
+    # No jump at level 3, and too few right steps: two failures, each named.
+    worse = [s for s in samples if s["response"] != jump2]
+    worse += [dict(level=3, problem=q2, response=steps2, correct=False)] * 5
+    fails = gate.verdict(gate.tabulate(worse))
+    assert any("no jump at level 3" in f for f in fails) and any("below 90%" in f for f in fails)

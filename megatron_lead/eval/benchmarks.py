@@ -55,6 +55,7 @@ class Benchmark:
 # The paper's sampling; max_len 8000 is the training maximum (the paper does not state its eval cap).
 _PAPER = dict(temperature=0.8, top_p=0.9, max_len=8000)
 ARITH_HELDOUT = os.path.join("examples", "arith", "heldout.jsonl")
+SHORTCUTS_HELDOUT = os.path.join("examples", "arith_shortcuts", "heldout.jsonl")
 
 PRESETS: dict[str, Benchmark] = {
     "math500": Benchmark("math500", n=3, **_PAPER, source="HuggingFaceH4/MATH-500 (test split, 500 problems)"),
@@ -68,6 +69,11 @@ PRESETS: dict[str, Benchmark] = {
     "arith": Benchmark("arith", path=ARITH_HELDOUT, n=1, temperature=0.0, top_p=1.0, max_len=400,
                        instruction="", use_chat_template=False, max_prompt_len=64,
                        source="megatron_lead/data/arith.py, examples/arith/heldout.jsonl (533 problems, levels 1-6)"),
+    # The second built-in task (issue 18), scored the same way; compare samples it (--n, --temperature).
+    "arith_shortcuts": Benchmark("arith_shortcuts", path=SHORTCUTS_HELDOUT, n=1, temperature=0.0, top_p=1.0,
+                                 max_len=400, instruction="", use_chat_template=False, max_prompt_len=64,
+                                 source="megatron_lead/data/arith_shortcuts.py, examples/arith_shortcuts/"
+                                        "heldout.jsonl (533 problems, levels 1-6)"),
 }
 
 

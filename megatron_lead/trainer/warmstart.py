@@ -16,12 +16,24 @@ SFT_SETTINGS = dict(steps=1200, batch_size=32, micro_batch_size=32, lr=5e-3, war
                     pack_max_tokens=8192)
 
 
-def prepare(warm: str, sft_steps: int):
+TASKS = ("arith", "arith_shortcuts")
+"""The built-in tasks (data/arith.py, data/arith_shortcuts.py): one tokenizer and model shape."""
+
+
+def default_folder(task: str) -> str:
+    """Where a task's warm start is cached by default (one folder per task)."""
+    return "runs/warmstart" if task == "arith" else f"runs/warmstart_{task}"
+
+
+def prepare(warm: str, sft_steps: int, task: str = "arith"):
     """Task data, tokenizer, model config and the SFT settings; returns (SFTConfig, data paths)."""
-    from megatron_lead.data import arith
+    from megatron_lead.data import arith, arith_shortcuts
     from megatron_lead.trainer.sft import SFTConfig
 
-    paths = arith.write_splits(os.path.join(warm, "data"))
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    module = arith if task == "arith" else arith_shortcuts
+    paths = module.write_splits(os.path.join(warm, "data"))
     arith.save_task_tokenizer(os.path.join(warm, "tokenizer"))
     config_path = os.path.join(warm, "config.json")
     with open(config_path, "w") as f:
