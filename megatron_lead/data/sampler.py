@@ -28,6 +28,20 @@ def epoch_permutation(num_prompts: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_prompts, generator=generator).tolist()
 
 
+def stratified(order: list[int], groups: list) -> list[int]:
+    """`order` interleaved round-robin over the groups (levels) of its items, each group keeping
+    its relative order and the groups taken in order of first appearance: consecutive batches of
+    the result hold the groups in equal numbers (while every group lasts). A pure function of its
+    inputs, so a stratified sampler resumes from (epoch, position) as a plain one does."""
+    buckets: dict = {}
+    for i in order:
+        buckets.setdefault(groups[i], []).append(i)
+    lists, out = list(buckets.values()), []
+    for k in range(max((len(b) for b in lists), default=0)):
+        out.extend(b[k] for b in lists if k < len(b))
+    return out
+
+
 class PromptSampler:
     """Global batches of prompt indices, each epoch a fresh permutation.
 
@@ -40,7 +54,9 @@ class PromptSampler:
     been handed out; the next epoch is entered lazily, on the call that needs it.
     """
 
-    def __init__(self, num_prompts: int, batch_size: int, seed: int, drop_last: bool = True):
+    def __init__(self, num_prompts: int, batch_size: int, seed: int, drop_last: bool = True,
+                 groups: list | None = None):
+        """groups: a label per prompt (its level) to stratify every batch by (`stratified`), or None."""
         if num_prompts < 1:
             raise ValueError(f"num_prompts={num_prompts} must be at least 1")
         if batch_size < 1:
@@ -48,6 +64,9 @@ class PromptSampler:
         if drop_last and batch_size > num_prompts:
             raise ValueError(f"batch_size={batch_size} is larger than num_prompts={num_prompts} "
                              "(with drop_last no batch would ever be full)")
+        if groups is not None and len(groups) != num_prompts:
+            raise ValueError(f"{len(groups)} group labels for {num_prompts} prompts")
+        self.groups = groups
         self.num_prompts = num_prompts
         self.batch_size = batch_size
         self.seed = seed
@@ -60,6 +79,8 @@ class PromptSampler:
     def _order(self) -> list[int]:
         if self._perm_epoch != self.epoch:  # cached: one randperm per epoch, not per step
             self._perm = epoch_permutation(self.num_prompts, self.seed, self.epoch)
+            if self.groups is not None:
+                self._perm = stratified(self._perm, self.groups)
             self._perm_epoch = self.epoch
         return self._perm
 
