@@ -11,6 +11,11 @@ over the padded vocab equals the softmax over the real one.
 
 Positions: Megatron applies RoPE to positions 0..s-1 of every row (it ignores position_ids), so
 rows must start at position 0 — right-padded batches, not left-padded ones.
+
+Families (convert/families.py): Qwen3's per-head q/k RMSNorm is Megatron's `qk_layernorm`; a MoE
+model (Qwen3-MoE) gets Megatron-Core's `MoELayer` in every layer (top-k softmax router, no
+load-balancing loss: RL trains the policy as it is, and the loss would not change the logits);
+a Mistral sliding window is refused for longer sequences (`arch.check_sequence_length`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 from megatron_lead.policy import cpu_compat
 from megatron_lead.policy.convert.arch import (
-    ModelArch, arch_from_hf, check_parallel_sizes, load_hf_config, padded_vocab_size)
+    ModelArch, arch_from_hf, check_parallel_sizes, check_sequence_length, load_hf_config, padded_vocab_size)
 
 
 def have_transformer_engine() -> bool:
@@ -72,24 +77,72 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, **ov
         bias_activation_fusion=not on_cpu,
         cross_entropy_loss_fusion=not on_cpu,
         cross_entropy_fusion_impl="native",
+        qk_layernorm=arch.qk_norm,
     )
+    if arch.is_moe:
+        kwargs.update(_moe_config(arch, on_cpu))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(attention: str = "auto"):
+def _moe_config(arch: ModelArch, on_cpu: bool) -> dict:
+    """TransformerConfig keys of a MoE model (HF Qwen3-MoE routing, at the current EP size).
+
+    HF: softmax over all experts, the top k kept, renormalised when norm_topk_prob. Megatron's
+    "softmax" router does exactly that with pre-softmax (probabilities of the full softmax), and
+    without it takes the softmax of the top-k logits, which is the renormalised form. The router
+    runs in fp32 (bf16 logits can flip a top-k choice against vLLM's). Dispatcher: "allgather" on
+    CPU, the one that runs there ("alltoall" creates CUDA streams in its constructor), "alltoall"
+    on GPUs (expert-parallel ranks hold micro-batches of different lengths, which the all-gather
+    of hidden states cannot take). Experts are Megatron's SequentialMLP (no grouped GEMM), whose
+    names the mapping table uses.
+    """
+    from megatron.core import parallel_state
+
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.moe_norm_topk,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+    )
+
+
+def _moe_router_without_te() -> None:
+    """Megatron-Core 0.16.1's router linear (`moe_utils.RouterGatingLinearFunction`) tests
+    `te_general_gemm is not None`, a name that module only defines when Transformer Engine
+    imports: without TE every MoE forward dies with a NameError. Defining it as None selects the
+    plain torch.mm branch the code has for that case (idempotent; nothing changes with TE)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def layer_spec(attention: str = "auto", arch: ModelArch | None = None):
     """Layer spec: "te" (Transformer Engine), "sdpa" (local spec + SDPA), "local" (Megatron's
-    unfused DotProductAttention, needs an explicit mask), or "auto" (te if importable, else sdpa)."""
+    unfused DotProductAttention, needs an explicit mask), or "auto" (te if importable, else sdpa).
+    arch: adds the q/k norms and the MoE layer its family has (None: a dense Llama-like layer)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 
+    family = dict(qk_layernorm=bool(arch and arch.qk_norm),
+                  num_experts=arch.num_experts if arch and arch.is_moe else None, moe_grouped_gemm=False)
     if attention == "auto":
         attention = "te" if have_transformer_engine() else "sdpa"
     if attention == "te":
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(**family)
     if attention not in ("sdpa", "local"):
         raise ValueError(f"unknown attention {attention!r}; use auto, te, sdpa or local")
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **family)
     if attention == "sdpa":
         from megatron_lead.policy.attention import SDPACoreAttention
 
@@ -101,7 +154,8 @@ def build_model(hf_config: Any, dtype: torch.dtype = torch.float32, attention: s
                 init_weights: bool = True, compile_layers: bool = False, **config_overrides) -> list:
     """This rank's model chunks (one GPTModel) for the current TP x PP groups.
 
-    hf_config: HF model folder, config.json path, dict or PretrainedConfig (Qwen2 / Llama).
+    hf_config: HF model folder, config.json path, dict or PretrainedConfig of a family in
+    convert/families.py (Qwen2, Llama, Qwen3, Mistral, Qwen3-MoE).
     init_weights=False skips Megatron's random init (faster when a checkpoint is loaded next).
     compile_layers: torch.compile every transformer layer (see compile_transformer_layers).
     The model is on the current CUDA device, or on CPU without CUDA; in train mode.
@@ -116,12 +170,18 @@ def build_model(hf_config: Any, dtype: torch.dtype = torch.float32, attention: s
     arch = arch_from_hf(hf_config)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    check_parallel_sizes(arch, tp, pp)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    check_parallel_sizes(arch, tp, pp, ep)
+    if arch.is_moe and parallel_state.get_expert_tensor_parallel_world_size() != tp:
+        raise ValueError(f"expert tensor-parallel size {parallel_state.get_expert_tensor_parallel_world_size()} "
+                         f"differs from tp={tp}; only an equal one is supported")
+    if arch.is_moe:
+        _moe_router_without_te()
     config = transformer_config(arch, dtype, perform_initialization=init_weights,
                                 **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(attention),
+        transformer_layer_spec=layer_spec(attention, arch),
         vocab_size=padded_vocab_size(arch.vocab_size, tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -272,8 +332,19 @@ def forward_backward(model_chunks: list, micro_batches: Iterable[dict],
                              f"the first one's {(mbs, seq)}")
         if ("cu_seqlens" in mb) != packed:
             raise ValueError("micro-batches are either all packed or all padded")
-    arch = unwrap(model_chunks[0]).arch
-    device = next(unwrap(model_chunks[0]).parameters()).device
+    model = unwrap(model_chunks[0])
+    arch = model.arch
+    check_sequence_length(arch, seq if not packed else max(int(mb["max_seqlen"]) for mb in micro_batches))
+    if arch.is_moe and model.config.tensor_model_parallel_size > 1 and (model.training or not forward_only):
+        # Megatron's MoELayer raises in train mode at TP > 1 without sequence parallelism (forward
+        # passes of the trainer run in train mode too); say what to do instead, up front.
+        raise ValueError("training a mixture-of-experts model at TP > 1 needs Megatron's sequence "
+                         "parallelism, which this project does not turn on; train it at TP=1 "
+                         "(pipeline and expert parallelism split it further)")
+    if arch.is_moe and model.config.expert_model_parallel_size > 1 \
+            and model.config.moe_token_dispatcher_type == "allgather":
+        _same_tokens_over_expert_parallel(micro_batches)
+    device = next(model.parameters()).device
     batches = iter(micro_batches)
 
     def forward_step(data_iterator, model):
@@ -310,6 +381,26 @@ def forward_backward(model_chunks: list, micro_batches: Iterable[dict],
         forward_only=forward_only,
         collect_non_loss_data=collect is not None,
     )
+
+
+def _same_tokens_over_expert_parallel(micro_batches: list[dict]) -> None:
+    """One-line ValueError on every rank of the expert-parallel group unless all of them run the
+    same number of tokens in each micro-batch.
+
+    Megatron's all-gather token dispatcher (the one that runs on CPU) all-gathers the hidden
+    states of the whole EP group; gloo aborts the process when the ranks' sizes differ (RL
+    micro-batches are cut to their own longest row, so they do). The all-to-all dispatcher used
+    on GPUs exchanges counts first and has no such need.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    counts = [int(mb["tokens"].numel()) for mb in micro_batches]
+    every = [None] * parallel_state.get_expert_model_parallel_world_size()
+    dist.all_gather_object(every, counts, group=parallel_state.get_expert_model_parallel_group())
+    if any(c != every[0] for c in every):
+        raise ValueError(f"expert parallelism with Megatron's all-gather token dispatcher (CPU) needs the "
+                         f"same tokens per micro-batch on every EP rank; they have {every}")
 
 
 @torch.no_grad()

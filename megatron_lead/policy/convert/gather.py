@@ -5,6 +5,8 @@ end together. For each HF tensor group, in the fixed order of `mapping.placement
 layers 0..L-1, final norm, lm_head), the owning pipeline stage all-gathers the TP shards and
 merges them with the family table (QKV de-interleaved, gate/up split, vocab padding dropped);
 then the stage broadcasts the result over the pipeline group, so every rank yields every tensor.
+A routed expert of a MoE model lives on one expert-parallel rank: its expert-TP group gathers it
+and it is broadcast over the expert-parallel group first (one expert tensor at a time).
 At most one fused group (q, k, v or gate, up) is held at a time.
 """
 
@@ -20,11 +22,15 @@ from megatron_lead.policy.convert.mapping import hf_from_shards, hf_shapes, plac
 from megatron_lead.policy.parallel import errors_on_any_rank
 
 
-def _all_gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
+def _all_gather_tp(tensor: torch.Tensor, expert: bool = False) -> list[torch.Tensor]:
     from megatron.core import parallel_state
 
-    group = parallel_state.get_tensor_model_parallel_group()
-    size = parallel_state.get_tensor_model_parallel_world_size()
+    if expert:
+        group = parallel_state.get_expert_tensor_parallel_group()
+        size = parallel_state.get_expert_tensor_parallel_world_size()
+    else:
+        group = parallel_state.get_tensor_model_parallel_group()
+        size = parallel_state.get_tensor_model_parallel_world_size()
     if size == 1:
         return [tensor]
     tensor = tensor.contiguous()
@@ -42,29 +48,34 @@ def iter_hf_weights(model_chunks: list, hf_config: Any = None) -> Iterator[tuple
     """
     from megatron.core import parallel_state
 
-    from megatron_lead.policy.convert.checkpoint import model_tensors
+    from megatron_lead.policy.convert.checkpoint import model_tensors, rank_layout
     from megatron_lead.policy.model import unwrap
 
     model = unwrap(model_chunks[0])
     arch = model.arch
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    stage = parallel_state.get_pipeline_model_parallel_rank()
+    _, pp, ep, _, stage, ep_rank = rank_layout(arch)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else None
+    ep_group = parallel_state.get_expert_model_parallel_group() if ep > 1 else None
+    ep_ranks = dist.get_process_group_ranks(ep_group) if ep > 1 else None  # in EP-rank order
     local = model_tensors(model)
     param = next(iter(local.values()))
     dtype, device = param.dtype, param.device
 
     with torch.no_grad():
-        for p in placements(arch, pp):
-            if p.stage == stage:
-                shards = _all_gather_tp(local[p.megatron_name].detach())
+        for p in placements(arch, pp, ep):
+            owner = p.stage == stage and p.ep_rank in (None, ep_rank)
+            if owner:
+                shards = _all_gather_tp(local[p.megatron_name].detach(), expert=p.ep_rank is not None)
                 full = hf_from_shards(p, shards, arch)
                 if len(shards) == 1 and p.rule.split == "replicated":
                     full = [full[0].clone()]  # every other split concatenates, i.e. copies
                 full = [t.contiguous() for t in full]
             else:
                 full = [torch.empty(shape, dtype=dtype, device=device) for shape in hf_shapes(p, arch)]
+            if p.ep_rank is not None and ep > 1 and p.stage == stage:
+                for t in full:
+                    dist.broadcast(t, src=ep_ranks[p.ep_rank], group=ep_group)
             if pp > 1:
                 for t in full:
                     dist.broadcast(t, src=pp_ranks[p.stage], group=pp_group)

@@ -7,6 +7,8 @@ QKV / gate-up params are filled the way vLLM fills them at start-up), processing
 soon as all its tensors have arrived, so only the current bucket and one partly-loaded layer are
 held at any time. One reload call spans all buckets: a layer split over two buckets is still
 loaded whole. It also fills weights that a level-2 sleep left uninitialised (`engine.sleep`).
+Two vLLM-CPU layouts are redone after each reload: a tied head's oneDNN copy and a MoE layer's
+prepacked experts (`_reprocess_tied_layers`, `_repack_cpu_moe_experts`).
 """
 
 from __future__ import annotations
@@ -93,6 +95,34 @@ def _quiet_expected_not_loaded(model: torch.nn.Module):
         logger.removeFilter(quiet)
 
 
+def _repack_cpu_moe_experts(model: torch.nn.Module) -> int:
+    """Re-pack the routed experts of a MoE model on vLLM-CPU after a reload; returns how many layers.
+
+    vLLM-CPU multiplies with expert weights prepacked for its grouped GEMM
+    (`CPUUnquantizedExperts.process_weights_after_loading`, vllm/model_executor/layers/fused_moe/
+    experts/cpu_moe.py). On a reload, `UnquantizedFusedMoEMethod._setup_kernel` (unquantized_
+    fused_moe_method.py) sees its kernel already built, treats the call as a weight update and
+    copies the freshly loaded, unpacked weights into the packed parameters without running that
+    prepack: the engine then computes with scrambled experts (log-probs off by ~0.3 on a tiny
+    Qwen3-MoE). Running the experts' own post-load step again packs what was loaded. GPU kernels
+    use the weights as loaded, so this only acts on vLLM's CPU experts.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return 0
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    count = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(module)
+            count += 1
+    return count
+
+
 def _reload_in_worker(worker, weights: Iterator[NamedTensor]) -> None:
     """Runs inside vLLM's worker (this process: the engine is in-process). Through the worker, not
     its model runner: the worker sets vLLM's current config, which custom ops and quantisation
@@ -101,6 +131,7 @@ def _reload_in_worker(worker, weights: Iterator[NamedTensor]) -> None:
     with _quiet_expected_not_loaded(model):
         worker.reload_weights(weights_iterator=weights)
     _reprocess_tied_layers(model)
+    _repack_cpu_moe_experts(model)
 
 
 def checkpoint_tensor_names(model_path: str | Path) -> set[str] | None:
@@ -123,6 +154,31 @@ def checkpoint_tensor_names(model_path: str | Path) -> set[str] | None:
     return {n for n in names if not ignorable_hf_tensor(n, arch)}
 
 
+# vLLM-CPU's MoE kernels pad an expert's intermediate size (per vLLM TP rank) to a multiple of
+# this (`CPUUnquantizedExperts._intermediate_alignment`, vllm/.../fused_moe/experts/cpu_moe.py).
+CPU_MOE_ALIGNMENT = 32
+
+
+def check_cpu_moe_reloadable(model_path: str | Path, vllm_tp: int) -> None:
+    """One-line ValueError if vLLM-CPU cannot reload this MoE model's experts.
+
+    When the expert intermediate size per vLLM TP rank is not a multiple of 32, vLLM-CPU pads the
+    experts once at start (`CPUUnquantizedExperts._pad_moe_intermediate`); a reload then copies
+    the unpadded weights it loaded into the padded parameters and fails on the shapes
+    (`_copy_and_restore_kernel_tensors` in vllm/model_executor/model_loader/reload/layerwise.py).
+    Refused here, when the sync is made, instead of at the first step. GPUs do not pad so.
+    """
+    from megatron_lead.policy.convert.arch import arch_from_hf
+
+    if torch.cuda.is_available():
+        return
+    arch = arch_from_hf(model_path)
+    if arch.is_moe and (arch.moe_ffn_hidden_size // vllm_tp) % CPU_MOE_ALIGNMENT:
+        raise ValueError(f"vLLM-CPU cannot reload the experts of this {arch.family} model: "
+                         f"moe_intermediate_size={arch.moe_ffn_hidden_size} / vLLM TP {vllm_tp} is not a "
+                         f"multiple of {CPU_MOE_ALIGNMENT}, and vLLM's reload of padded experts fails")
+
+
 class ReloadWeightSync(WeightSync):
     transport = "reload"
 
@@ -130,6 +186,8 @@ class ReloadWeightSync(WeightSync):
         super().__init__(engine)
         # A stream that misses a tensor would leave part of a layer unloaded: vLLM only warns.
         self.expected = None if engine is None else checkpoint_tensor_names(engine.config.model_path)
+        if engine is not None:
+            check_cpu_moe_reloadable(engine.config.model_path, engine.config.tensor_parallel_size)
 
     def push(self, buckets: Iterator[list[NamedTensor]]) -> None:
         if self.engine.llm is None:
