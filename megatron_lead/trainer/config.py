@@ -59,6 +59,9 @@ class DataSection:
     """Prompts longer than this (tokens, template included) are dropped and counted."""
     prompts_per_step: int = 128
     """Prompts of one RL step, over all ranks (the global batch)."""
+    stratify_levels: bool = False
+    """Every step's prompts hold the data's levels (its `level` field) in equal numbers (the
+    sampler interleaves each epoch's shuffle over the levels; data/sampler.stratified)."""
 
 
 @dataclass

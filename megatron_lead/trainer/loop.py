@@ -170,7 +170,8 @@ def build_run(cfg: TrainConfig, resume: bool = False) -> Run:
               engine=engine, weight_sync=make_weight_sync(engine), offload=offload,
               grader=Grader(num_workers=cfg.grading.workers, timeout=cfg.grading.timeout),
               encoder=encoder, records=records, prompt_ids=prompt_ids,
-              sampler=PromptSampler(len(records), cfg.data.prompts_per_step, seed=cfg.seed),
+              sampler=PromptSampler(len(records), cfg.data.prompts_per_step, seed=cfg.seed,
+                                    groups=[r.level for r in records] if cfg.data.stratify_levels else None),
               lead=AdvantageComputer(cfg.lead, group=parallel_state.get_data_parallel_group()),
               val=val, data_stats=stats.as_dict(), skips=SkipGuard(cfg.ppo.max_consecutive_skipped_steps))
     if resume:
