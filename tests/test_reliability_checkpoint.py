@@ -4,7 +4,8 @@ checkpoint (trainer/checkpoint.py, trainer/safe_load.py).
 One spawn saves steps 1 and 2 of a tiny Megatron Qwen2 (CPU fp32), then tries to save step 3 on
 a "full" disk (the DCP shard writer, then the manifest writer, raise ENOSPC part-way); the
 parent builds tampered copies of step 2, each carrying a pickle whose __reduce__ would
-`touch` a canary file; a second spawn loads every copy. About 30-40 s on 2 cores.
+`touch` a canary file, and one with a weight's bytes flipped in place (same size); a second spawn
+loads every copy. About 30-40 s on 2 cores.
 """
 
 import errno
@@ -136,6 +137,34 @@ def _byte_item(folder):
     raise AssertionError("no byte item in this checkpoint")
 
 
+def _tensor_item(folder, fqn_part="embedding.word_embeddings.weight"):
+    """(shard file, offset, length) of a stored weight tensor in the shards."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron_lead.trainer.safe_load import MetadataUnpickler
+
+    with open(os.path.join(folder, ".metadata"), "rb") as f:
+        md = MetadataUnpickler(f).load()
+    for index, info in md.storage_data.items():
+        if fqn_part in index.fqn and isinstance(md.state_dict_metadata[index.fqn], TensorStorageMetadata):
+            return info.relative_path, info.offset, info.length
+    raise AssertionError(f"no tensor {fqn_part} in this checkpoint")
+
+
+def _flip_bits(folder):
+    """Invert 16 bytes (4 fp32 values) in the middle of the stored embedding, in place: the
+    shard keeps its size, so only its content tells."""
+    shard, offset, length = _tensor_item(folder)
+    path = os.path.join(folder, shard)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(offset + length // 2)
+        data = f.read(16)
+        f.seek(offset + length // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+    assert os.path.getsize(path) == size
+
+
 def _tamper(good, root, canary):
     """Copies of the good checkpoint, each with one hostile or damaged file."""
     cases = {"good": good}
@@ -172,6 +201,10 @@ def _tamper(good, root, canary):
     open(os.path.join(p, ".metadata"), "wb").write(payload)
     p = copy("no_manifest")
     os.remove(os.path.join(p, "manifest.json"))
+    _flip_bits(copy("weight_bits_flipped"))
+    p = copy("weight_bits_flipped_rehashed")  # control: the flipped bytes are a live weight
+    _flip_bits(p)
+    _rehash(p)
     return cases
 
 
@@ -210,13 +243,13 @@ def test_hostile_and_damaged_checkpoints_are_refused_with_one_line(runs):
     loaded, cases = runs["loaded"], runs["cases"]
     assert loaded["good"][0] == "loaded" and loaded["good"][1] == {"step": 2}
     for name, (kind, message, _) in loaded.items():
-        if name == "good":
+        if name in ("good", "weight_bits_flipped_rehashed"):
             continue
         assert kind == "ValueError", (name, kind, message)
         assert "\n" not in message and cases[name] in message, (name, message)
     assert not runs["canary"].exists()  # nothing ran
     why = {name: loaded[name][1] for name in cases if name != "good"}
-    for name in ("metadata_manifest_kept", "state_edited"):
+    for name in ("metadata_manifest_kept", "state_edited", "weight_bits_flipped"):
         assert "does not match its SHA-256" in why[name], why[name]
     assert "__9_0.distcp is not listed" in why["extra_file"]
     assert "no manifest.json" in why["no_manifest"]
@@ -224,6 +257,19 @@ def test_hostile_and_damaged_checkpoints_are_refused_with_one_line(runs):
     assert "refused to load posix.system" in why["legacy_format_hostile"]
     for name in ("common_rehashed", "rng_rehashed", "shard_item_rehashed"):
         assert "Weights only load failed" in why[name], why[name]
+
+
+def test_flipped_weight_bits_of_the_same_size_are_refused(runs):
+    """A shard whose bytes changed but not its size (bit rot, a bad copy) is refused by its
+    SHA-256: the sizes in the manifest all still match. The control copy, the same flip with a
+    rewritten manifest, loads, and one weight, the embedding, differs from the saved one."""
+    kind, message, _ = runs["loaded"]["weight_bits_flipped"]
+    assert kind == "ValueError" and "corrupt or was modified" in message
+    assert ".distcp does not match its SHA-256" in message and "\n" not in message
+    kind, _, weights = runs["loaded"]["weight_bits_flipped_rehashed"]
+    saved = runs["saved"]["weights2"]
+    assert kind == "loaded"
+    assert [k for k in saved if not torch.equal(weights[k], saved[k])] == ["model.embed_tokens.weight"]
 
 
 def test_the_good_copy_loads_the_saved_weights(runs):

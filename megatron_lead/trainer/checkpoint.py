@@ -7,7 +7,11 @@ On-disk layout under ROOT (one folder per saved step):
     metadata.json, common.pt,         Megatron dist_checkpointing (torch_dist): the model's
     __{rank}_{n}.distcp, .metadata    sharded_state_dict under "model" ("model{i}" per chunk) and
                                       the optimizer's under "optimizer"; tensors are stored as
-                                      global (TP/PP-independent) tensors, so they load at any layout
+                                      global (TP/PP-independent) tensors, so they load at any
+                                      layout; the distributed optimizer's as each DP rank's shard
+                                      of its buckets (Megatron's dp_reshardable)
+    optimizer_index.json              with the distributed optimizer: where each parameter lies in
+                                      the buckets of each TP x PP group (optimizer_reshard.py)
     scheduler.json                    OptimizerParamScheduler.state_dict()
     trainer_state.json                the trainer's `state` (step, LEAD controller, data position)
     rng/rank{R}.pt                    rank R's RNG states (torch CPU, CUDA, python, numpy, Megatron's
@@ -27,13 +31,15 @@ and Megatron's load runs under `safe_load.safe_unpickling` (an allow-list unpick
 manifests) still load, through the same safe loaders.
 
 Resharding: the model and optimizer states load at any TP/PP/DP layout (Megatron's sharded format:
-every tensor is a slice of a global tensor, padded vocab rows included). The RNG states are
-per-rank, so they are restored only at the saved layout.
+every tensor is a slice of a global tensor, padded vocab rows included). The distributed
+optimizer's state is saved without any gather (dp_reshardable, docs/GPU.md has the measurements);
+Megatron loads it back where the buckets are the same (same TP x PP, any DP), optimizer_reshard.py
+everywhere else, the plain optimizer included. The RNG states are per-rank, so they are restored
+only at the saved layout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -45,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_lead.trainer import safe_load
+from megatron_lead.trainer import optimizer_reshard, safe_load, shard_writers
 
 CHECKPOINT_PREFIX = "step_"
 TEMP_PREFIX = ".tmp_step_"
@@ -126,13 +132,20 @@ def _uses_distributed_optimizer(optimizer) -> bool:
 def _sharding_metadata(optimizer) -> dict:
     """The JSON part of the metadata passed to the sharded_state_dict methods (as Megatron-LM).
 
-    The distributed optimizer (GPU) is saved "fully_reshardable": its state is gathered into one
-    tensor per parameter, which loads at any TP/PP/DP (dp_reshardable would allow DP changes only).
+    The distributed optimizer (GPU) is saved "dp_reshardable": every rank writes its own shard,
+    with no gather (the fully_reshardable formats hold the whole fp32 state on a rank while saving
+    and loading: docs/GPU.md has the measurements). optimizer_reshard.py loads it at any layout.
     """
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     if optimizer is not None and _uses_distributed_optimizer(optimizer):
-        metadata["distrib_optim_sharding_type"] = "fully_reshardable"
+        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
     return metadata
+
+
+def _sharded_keys(sharded: dict) -> set[str]:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return {v.key for v in nested_values(sharded) if hasattr(v, "key")}
 
 
 def _with_groups(metadata: dict) -> dict:
@@ -152,8 +165,13 @@ def _model_sharded_state_dict(model_chunks: list, metadata: dict) -> dict:
 
 
 def _optimizer_has_state(optimizer) -> bool:
+    """Collective: whether any rank's optimizer has state (a distributed optimizer's shard can be
+    empty on one rank while the others have theirs)."""
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return any(len(o.optimizer.state) > 0 for o in inner if getattr(o, "optimizer", None) is not None)
+    mine = any(len(o.optimizer.state) > 0 for o in inner if getattr(o, "optimizer", None) is not None)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return any(everyone)
 
 
 def _ensure_init_state_fn(optimizer) -> None:
@@ -299,57 +317,6 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _in_process_results_queue() -> None:
-    """Give Megatron's shard writer a plain in-process queue for its results.
-
-    By default it starts a multiprocessing Manager (a server process, plus Python's resource
-    tracker) on the first save and keeps it for the life of the trainer; when the trainer is
-    SIGKILLed, both outlive it (measured: still alive long after the kill). A synchronous save
-    puts its results and reads them back in this very process, so a queue.Queue does the same
-    job with no extra process; a fresh one per save, so a failed save leaves no stale result.
-    """
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    filesystem_async._results_queue = queue.Queue()
-
-
-_FORK_GUARD: dict = {"armed": False, "parent": None, "libc": None}
-
-
-def _die_with_the_trainer() -> None:
-    """In a child forked during a save: SIGKILL me when the trainer dies (PR_SET_PDEATHSIG)."""
-    if not _FORK_GUARD["armed"] or _FORK_GUARD["libc"] is None:
-        return
-    _FORK_GUARD["libc"].prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    if os.getppid() != _FORK_GUARD["parent"]:  # the trainer died before the line above
-        os._exit(1)
-
-
-@contextlib.contextmanager
-def _writers_die_with_the_trainer():
-    """Megatron's shard writers are forked processes that, when the trainer is SIGKILLed
-    mid-save, can wait forever for a token the trainer never flushed to their pipe (measured:
-    an orphan blocked in a pipe read, 500 MB resident, still there 30 s after the kill). While a
-    save runs, a child forked by this process gets the parent-death signal SIGKILL (Linux; a
-    no-op elsewhere), so the writers go with the trainer. libc is loaded before any fork."""
-    if _FORK_GUARD["libc"] is None and hasattr(os, "register_at_fork"):
-        try:
-            import ctypes
-
-            _FORK_GUARD["libc"] = ctypes.CDLL(None, use_errno=True)
-            _FORK_GUARD["libc"].prctl  # noqa: B018 - resolve the symbol now, not in the child
-            os.register_at_fork(after_in_child=_die_with_the_trainer)
-        except (OSError, AttributeError):
-            _FORK_GUARD["libc"] = None
-    _FORK_GUARD.update(armed=True, parent=os.getpid())
-    try:
-        yield
-    finally:
-        _FORK_GUARD["armed"] = False
-
-
 def save_checkpoint(root: str, step: int, model_chunks: list, optimizer, scheduler, state: dict,
                     keep_last: int = 3) -> str:
     """Collective over all ranks: write ROOT/step_{step:08d} and return its path.
@@ -387,14 +354,19 @@ def save_checkpoint(root: str, step: int, model_chunks: list, optimizer, schedul
     #    then this rank's RNG file.
     metadata = _sharding_metadata(optimizer)
     has_optimizer_state = optimizer is not None and _optimizer_has_state(optimizer)
+    index = None  # this rank's part of optimizer_index.json (the distributed optimizer)
     try:
         sharded = _model_sharded_state_dict(model_chunks, _with_groups(metadata))
         if has_optimizer_state:
+            optimizer_reshard.fix_param_group_index_map(optimizer)
             model_sd = {k: v for k, v in sharded.items()}
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 model_sd, is_loading=False, metadata=_with_groups(metadata))
-        _in_process_results_queue()
-        with _writers_die_with_the_trainer():
+            if "distrib_optim_sharding_type" in metadata:
+                index = optimizer_reshard.index_entries(optimizer, model_sd,
+                                                        _sharded_keys(sharded["optimizer"]))
+        shard_writers.in_process_results_queue()
+        with shard_writers.die_with_the_trainer():
             dist_checkpointing.save(sharded, tmp,
                                     sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
         _write_rng(os.path.join(tmp, RNG_DIR, f"rank{rank}.pt"), rng)
@@ -403,8 +375,13 @@ def save_checkpoint(root: str, step: int, model_chunks: list, optimizer, schedul
     _collective_check(error, "saving", final, cleanup=tmp)
 
     # 3. Rank 0, after every rank's shards are written: the global files.
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, index)
     if rank == 0:
         try:
+            if index is not None:
+                _write_json(os.path.join(tmp, optimizer_reshard.INDEX_FILE),
+                            json.dumps(optimizer_reshard.merge_index(parts)))
             _write_json(os.path.join(tmp, STATE_FILE), state_text)
             _write_json(os.path.join(tmp, SCHEDULER_FILE),
                         scheduler.state_dict() if scheduler is not None else None)
@@ -504,17 +481,33 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, scheduler,
         kind, message = json.loads(failures[0])
         raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(message)
 
-    # 2. Model (+ optimizer) shards, resharded to this layout by Megatron.
+    # 2. Model (+ optimizer) shards, resharded to this layout by Megatron (or, for a distributed
+    #    optimizer's state at another layout, by optimizer_reshard).
     metadata = marker.get("sharding_metadata") or {}
     with_optimizer = load_optimizer and optimizer is not None and marker.get("optimizer_state")
-    error = None
+    error, index, megatron_loads, plan = None, None, True, None
+    try:
+        if with_optimizer:
+            index, megatron_loads = _optimizer_route(path, marker, optimizer)
+    except (OSError, ValueError) as e:
+        error = f"rank {rank}: {_one_line(e)}"
+    _raise_load_error(error, path)
+    agreed: list = [None] * dist.get_world_size()
+    dist.all_gather_object(agreed, megatron_loads)
     try:
         sharded = _model_sharded_state_dict(model_chunks, _with_groups(metadata))
         if with_optimizer:
             _ensure_init_state_fn(optimizer)
             model_sd = {k: v for k, v in sharded.items()}
-            sharded["optimizer"] = optimizer.sharded_state_dict(
-                model_sd, is_loading=True, metadata=_with_groups(metadata))
+            if index is not None or _uses_distributed_optimizer(optimizer):
+                optimizer_reshard.fix_param_group_index_map(optimizer)
+                optimizer_reshard.prepare_for_loading(optimizer)
+            if all(agreed):
+                sharded["optimizer"] = optimizer.sharded_state_dict(
+                    model_sd, is_loading=True, metadata=_with_groups(metadata))
+            else:
+                plan = optimizer_reshard.ReshardPlan(index, optimizer, model_sd)
+                sharded[optimizer_reshard.PIECES] = plan.sharded()
         with safe_load.safe_unpickling():
             loaded = dist_checkpointing.load(sharded, path)
     except _ERRORS as e:  # Megatron's and DCP's errors are multi-line
@@ -528,8 +521,13 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, scheduler,
         keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
         for key, chunk in zip(keys, model_chunks):
             unwrap(chunk).load_state_dict(loaded[key], strict=True)
-        if with_optimizer:
-            optimizer.load_state_dict(loaded["optimizer"])
+        if plan is not None:
+            plan.apply(loaded[optimizer_reshard.PIECES], optimizer)
+        elif with_optimizer:
+            with torch.no_grad():  # the fp32 distributed optimizer's main params are views of the weights
+                optimizer.load_state_dict(loaded["optimizer"])
+            if index is not None:
+                optimizer_reshard.set_steps(optimizer, index["steps"])
         elif optimizer is not None:
             optimizer.reload_model_params()  # mixed precision: main params from the new weights
         if load_optimizer and scheduler is not None and sched is not None:
@@ -541,6 +539,25 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, scheduler,
         error = f"rank {rank}: {_one_line(e)}"
     _raise_load_error(error, path)
     return state
+
+
+def _optimizer_route(path: str, marker: dict, optimizer) -> tuple[dict | None, bool]:
+    """(optimizer_index.json or None, whether Megatron's own loader fits) for this rank.
+
+    Megatron loads the plain optimizer's state at any layout, and a dp_reshardable one where the
+    buckets are the same; optimizer_reshard the latter everywhere else."""
+    saved = (marker.get("sharding_metadata") or {}).get("distrib_optim_sharding_type")
+    if saved is None and _uses_distributed_optimizer(optimizer):
+        raise ValueError("it holds the plain optimizer's state: resume it with "
+                         "optim.distributed_optimizer=false, or without its optimizer state")
+    if saved != "dp_reshardable":
+        return None, True
+    try:
+        index = _read_json(os.path.join(path, optimizer_reshard.INDEX_FILE))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"it is corrupt: {_one_line(e)}") from None
+    same = all(marker.get(k) == v for k, v in _layout().items() if k in ("tp", "pp"))
+    return index, same and optimizer_reshard.megatron_can_load(index, optimizer)
 
 
 def _raise_load_error(error: str | None, path: str) -> None:
