@@ -39,12 +39,12 @@ def test_a_jump_solution_by_hand():
     merge, safe = Always(), Always()
     merge.merging, safe.merging = True, False
     parts = S.solution_parts(p, "jumps", merge, safe)
-    assert parts == [("jump", "7+3-5=5, now 5+2."), ("step", "5+2=7."), ("answer", "Answer: \\boxed{7}")]
+    assert parts == [("jump", "Jump: 7+3-5=5, now 5+2."), ("step", "5+2=7."), ("answer", "Answer: \\boxed{7}")]
     # A wrong jump: the total is off by one and the solution carries on to a wrong answer.
     wrong = Always()
     wrong.merging = True
     parts = S.solution_parts(p, "jumps", merge, wrong)
-    assert parts[0] == ("jump_wrong", "7+3-5=6, now 6+2.") and parts[-1] == ("answer", "Answer: \\boxed{8}")
+    assert parts[0] == ("jump_wrong", "Jump: 7+3-5=6, now 6+2.") and parts[-1] == ("answer", "Answer: \\boxed{8}")
     assert S.solution_parts(p, "direct", merge, safe) == [("direct", "Answer: \\boxed{7}")]
 
 
@@ -78,6 +78,20 @@ def test_training_rates_follow_the_risk_and_safe_jumps_never_fail():
         assert styles[name] / len(train) == pytest.approx(share, abs=0.02)
 
 
+def test_tokenizer_covers_every_character_and_the_model_fits_it(tmp_path):
+    from transformers import AutoTokenizer
+
+    train, _ = S.make_splits(train_per_level=200)
+    text = "".join(r["problem"] + r["solution"] for r in train)
+    assert set(text) <= set(S.CHARACTERS) and "Jump: " in text
+    tok = AutoTokenizer.from_pretrained(S.save_task_tokenizer(tmp_path / "tok"))
+    assert tok.decode(tok.encode("Jump: 7+3-5=5, now 5+2.")) == "Jump: 7+3-5=5, now 5+2."
+    cfg = S.qwen2_config()
+    assert cfg["vocab_size"] == S.VOCAB_SIZE == len(tok) and cfg["eos_token_id"] == tok.eos_token_id
+    assert cfg["pad_token_id"] == tok.pad_token_id
+    assert arith.qwen2_config()["eos_token_id"] == arith.EOS_ID  # arith's unchanged
+
+
 def test_heldout_is_fixed_and_independent_of_the_training_split():
     _, small = S.make_splits(train_per_level=10)
     _, big = S.make_splits(train_per_level=500, slip=0.3)
@@ -103,7 +117,7 @@ def test_shape_of_a_solution():
     q = "Q: 7+3-5+2=?\nA: "
     assert S.shape(q, "7+3=10, now 10-5+2.\nCheck: 10-3=7, 7+3=10.\n10-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}") \
         == {"ops": 3, "stepped": 3, "jumped": 0, "direct": 0, "steps_share": 1.0}
-    assert S.shape(q, "7+3-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}")["steps_share"] == pytest.approx(1 / 3)
+    assert S.shape(q, "Jump: 7+3-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}")["steps_share"] == pytest.approx(1 / 3)
     assert S.shape(q, "Answer: \\boxed{7}") == {"ops": 3, "stepped": 0, "jumped": 0, "direct": 3,
                                                 "steps_share": 0.0}
 
@@ -117,8 +131,9 @@ def test_the_gate_reads_sample_shapes_and_judges_by_hand():
     q1, q2 = "Q: 4+3=?\nA: ", "Q: 7+3-5+2=?\nA: "
     step1, direct1 = "4+3=7.\nAnswer: \\boxed{7}", "Answer: \\boxed{7}"
     steps2 = "7+3=10, now 10-5+2.\n10-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}"
-    jump2 = "7+3-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}"
-    assert [gate.classify(q1, step1), gate.classify(q1, direct1), gate.classify(q2, jump2)] == ["steps", "direct", "jumps"]
+    jump2 = "Jump: 7+3-5=5, now 5+2.\n5+2=7.\nAnswer: \\boxed{7}"
+    shapes = [gate.classify(q1, step1), gate.classify(q1, direct1), gate.classify(q2, jump2)]
+    assert shapes == ["steps", "direct", "jumps"]
     samples = ([dict(level=1, problem=q1, response=step1, correct=True)] * 10
                + [dict(level=1, problem=q1, response=direct1, correct=True)] * 4
                + [dict(level=3, problem=q2, response=steps2, correct=True)] * 9

@@ -246,28 +246,29 @@ def write_splits(out_dir, train_per_level: int = 2000, heldout_per_level: int = 
             "heldout": _write_jsonl(out / "heldout.jsonl", heldout)}
 
 
-def save_task_tokenizer(path) -> str:
-    """The task's character tokenizer (CHARACTERS, then <|pad|>, then <|endoftext|> = eos = the
+def save_task_tokenizer(path, characters: list[str] = CHARACTERS) -> str:
+    """The task's character tokenizer (`characters`, then <|pad|>, then <|endoftext|> = eos = the
     last id), no chat template; returns `str(path)`."""
     from .char_tokenizer import save_char_tokenizer
 
-    return save_char_tokenizer(path, CHARACTERS, SPECIALS, None, eos_token=EOS, pad_token=PAD, byte_level=True)
+    return save_char_tokenizer(path, characters, SPECIALS, None, eos_token=EOS, pad_token=PAD, byte_level=True)
 
 
-def qwen2_config(vocab_size: int = VOCAB_SIZE) -> dict:
+def qwen2_config(vocab_size: int = VOCAB_SIZE, characters: int = len(CHARACTERS)) -> dict:
     """HF config of the warm-start model: a Qwen2 of 990,592 parameters at the 42-token
     vocabulary (4 layers, width 128, MLP 512, tied embeddings; head_dim 32 because vLLM's CPU
     attention kernels need head_dim >= 32). `vocab_size` may be
     padded above the tokenizer's. No BOS token: bos_token_id = eos (as Qwen base models)."""
-    if vocab_size < VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size} is below the tokenizer's {VOCAB_SIZE}")
+    pad_id, eos_id = characters, characters + 1  # the two specials follow the characters
+    if vocab_size < eos_id + 1:
+        raise ValueError(f"vocab_size={vocab_size} is below the tokenizer's {eos_id + 1}")
     return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=vocab_size,
                 hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_act="silu",
                 max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
                 tie_word_embeddings=True, use_sliding_window=False, attention_dropout=0.0,
-                initializer_range=0.02, use_cache=True, bos_token_id=EOS_ID,
-                eos_token_id=EOS_ID, pad_token_id=PAD_ID, torch_dtype="float32")
+                initializer_range=0.02, use_cache=True, bos_token_id=eos_id,
+                eos_token_id=eos_id, pad_token_id=pad_id, torch_dtype="float32")
 
 
 def length_stats(rows: list[dict]) -> dict:

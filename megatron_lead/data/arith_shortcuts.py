@@ -9,7 +9,7 @@ training solutions show three ways to write the required work:
 
 * step by step, as `arith` (one operation per line, with the same redundant re-checks and
   restatements and their slips): never wrong but for a slip in a redundant piece;
-* with jumps: two consecutive operations in one line, `7+3-5=5, now 5+2.`;
+* with jumps: two consecutive operations in one line, marked, `Jump: 7+3-5=5, now 5+2.`;
 * a direct answer: `Answer: \\boxed{7}` with no step at all.
 
 A line that does m > 1 operations at once is wrong with probability `risk(m) = 1 - (1 -
@@ -25,8 +25,8 @@ checks its samples before any RL.
 
 Problems, solution styles, risks and slips come from separate seeded streams, and the held-out
 split (its reference solutions step by step, without slips) is fixed before any run: it does not
-depend on the training split's size or on the style mix. Prompt format, tokenizer and model config
-are `arith`'s (`arith.prompt_text`, `arith.save_task_tokenizer`, `arith.qwen2_config`).
+depend on the training split's size or on the style mix. The prompt format is `arith`'s
+(`arith.prompt_text`); the tokenizer and model are arith's with four more characters (`Jump`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ from pathlib import Path
 from . import arith
 
 LEVELS = arith.LEVELS
+CHARACTERS = arith.CHARACTERS + list("Jump")
+"""arith's characters and the four of "Jump": a line that does several operations at once says so
+at its start (`Jump: 7+3-5=5, now 5+2.`), so a small model can tell the lines whose results may be
+wrong from the step lines, which never are (without the marker the warm start's single steps
+picked up the jumps' noise: docs/RESULTS.md, the gate)."""
+VOCAB_SIZE = len(CHARACTERS) + len(arith.SPECIALS)
 JUMP_RISK = 0.2
 """risk(2): the chance that a line doing two (non-cancelling) operations states a wrong total."""
 STYLES = (("steps", 0.6), ("jumps", 0.25), ("direct", 0.15))
@@ -48,7 +54,7 @@ JUMP_RATE = 0.6
 INVERSE_PAIR_RATE = 0.35
 """Share of problems of level >= 2 that contain an operation followed by its inverse."""
 HELDOUT_PER_LEVEL = 100
-SLIP = 0.02
+SLIP = 0.01
 """Slip rate of a redundant piece in a step-by-step solution (arith's is 0.05): low, so that
 stepping stays the reliable way (the gate asks >= 90% accuracy of the warm start's step-by-step
 samples) and the risk this task is about is the jumps'."""
@@ -135,7 +141,7 @@ def solution_parts(p: dict, style: str, rng: random.Random, risk_rng: random.Ran
             wrong = risk_rng.random() < risk(effective_ops(ops, i, j))
             new = _wrong(right, rest, risk_rng) if wrong else right
             kind = "jump_wrong" if new != right else "jump"
-        text = f"{total}" + "".join(f"{s}{d}" for s, d in ops[i:j]) + f"={new}"
+        text = ("Jump: " if j - i > 1 else "") + f"{total}" + "".join(f"{s}{d}" for s, d in ops[i:j]) + f"={new}"
         tail = "".join(f"{s}{d}" for s, d in rest)
         parts.append((kind, text + (f", now {new}{tail}." if tail else ".")))
         total, i = new, j
@@ -197,7 +203,7 @@ def _boxed(text: str) -> str | None:
     return found[-1] if found else None
 
 
-_LINE = re.compile(r"^(\d+)((?:[+-]\d)+)=(-?\d+)")
+_LINE = re.compile(r"^(?:Jump: )?(\d+)((?:[+-]\d)+)=(-?\d+)")
 
 
 def shape(problem_text: str, response: str) -> dict:
@@ -215,6 +221,16 @@ def shape(problem_text: str, response: str) -> dict:
     direct = len(ops) - done if _boxed(response) is not None else 0
     return {"ops": len(ops), "stepped": min(stepped, len(ops)), "jumped": min(jumped, len(ops)), "direct": direct,
             "steps_share": min(stepped, len(ops)) / len(ops)}
+
+
+def save_task_tokenizer(path) -> str:
+    """arith's character tokenizer with this task's characters (CHARACTERS, then the specials)."""
+    return arith.save_task_tokenizer(path, CHARACTERS)
+
+
+def qwen2_config() -> dict:
+    """arith's warm-start model at this task's vocabulary."""
+    return arith.qwen2_config(VOCAB_SIZE, len(CHARACTERS))
 
 
 def write_splits(out_dir, **kw) -> dict:

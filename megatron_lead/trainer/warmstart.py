@@ -34,10 +34,10 @@ def prepare(warm: str, sft_steps: int, task: str = "arith"):
         raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
     module = arith if task == "arith" else arith_shortcuts
     paths = module.write_splits(os.path.join(warm, "data"))
-    arith.save_task_tokenizer(os.path.join(warm, "tokenizer"))
+    module.save_task_tokenizer(os.path.join(warm, "tokenizer"))
     config_path = os.path.join(warm, "config.json")
     with open(config_path, "w") as f:
-        json.dump(arith.qwen2_config(), f, indent=2)
+        json.dump(module.qwen2_config(), f, indent=2)
     sft = SFTConfig(data=paths["train"], tokenizer=os.path.join(warm, "tokenizer"), out=os.path.join(warm, "model"),
                     model_config=config_path, **{**SFT_SETTINGS, "steps": sft_steps,
                                                  "warmup_steps": min(SFT_SETTINGS["warmup_steps"], sft_steps // 10)})
