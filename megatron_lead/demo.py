@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmstart", default="runs/warmstart", help="cache folder of the warm-started model")
     p.add_argument("--sft-steps", type=int, default=SFT_SETTINGS["steps"], help="SFT optimizer steps")
     p.add_argument("--nproc", type=int, default=1, help="local processes of the RL run")
+    p.add_argument("--eval-n", type=int, default=4,
+                   help="samples per held-out problem of the sampled evaluation (temperature 1; 0: skip it)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the RL config")
 
 
@@ -58,18 +60,53 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "summary.json")) as f:
         summary = json.load(f)
     before, after = summary["before"], summary["after"]
+    sampled = _sampled(args, sft.out, paths["heldout"]) if args.eval_n > 0 else None
     png = plot(args.out)
     total = time.perf_counter() - start
     summary["demo"] = {"seconds_total": total, "seconds_warm_start": sft_seconds, "sft": {
         "steps": sft.steps, "cached": sft_seconds < 5}}
+    if sampled:
+        summary["sampled"] = sampled
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"[3/3] held-out split, greedy decoding, before and after RL ({method_label(method)}):")
+    label = method_label(method)
+    if sampled:
+        b, a = sampled["before"], sampled["after"]
+        print(f"[3/3] held-out split, sampled (temperature 1, {args.eval_n} per problem), before and after RL "
+              f"({label}):")
+        print(table(b, a))
+        print(f"\nsampled: mean length {change(b['mean_length'], a['mean_length']):+.1f}%, accuracy "
+              f"{100 * (a['accuracy'] - b['accuracy']):+.1f} points (binomial SE {100 * sampled['se_after']:.1f})\n")
+    print(f"{'' if sampled else '[3/3] '}held-out split, greedy decoding, before and after RL ({label}):")
     print(table(before, after))
-    print(f"\nmean length {change(before['mean_length'], after['mean_length']):+.1f}%, accuracy "
+    print(f"\ngreedy: mean length {change(before['mean_length'], after['mean_length']):+.1f}%, accuracy "
           f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points; plot {png}; "
           f"run folder {args.out}; {total / 60:.1f} min")
     return 0
+
+
+def _sampled(args, warm: str, heldout: str) -> dict:
+    """The warm start and the trained policy on the held-out split, sampled at temperature 1
+    (`megatron-lead eval`, args.eval_n per problem, float32 as the runs): the primary figures."""
+    import math
+
+    from megatron_lead.eval import cli as eval_cli
+    from megatron_lead.eval.benchmarks import resolve
+    from megatron_lead.eval.evaluate import EvalConfig
+
+    bench = resolve(f"arith={heldout}", n=args.eval_n, temperature=1.0, top_p=1.0)
+    # force: the run folder's hf/ has new weights after every demo (the same path, another model).
+    cfg = EvalConfig(models=[], benchmarks=[bench], out=os.path.join(args.out, "eval_sampled"), dtype="float32",
+                     force=True)
+    rows = {r["model"]: r for r in eval_cli.evaluate(cfg, [f"before={warm}", f"after={os.path.join(args.out, 'hf')}"])}
+
+    def block(r):
+        levels = {lv: {**v, "count": v["samples"]} for lv, v in (r.get("levels") or {}).items()}
+        return {"accuracy": r["accuracy"], "mean_length": r["mean_length"], "count": r["samples"], "levels": levels}
+
+    a = rows["after"]
+    return {"n": args.eval_n, "before": block(rows["before"]), "after": block(a),
+            "se_after": math.sqrt(a["accuracy"] * (1 - a["accuracy"]) / a["samples"])}
 
 
 def method_label(method: str) -> str:

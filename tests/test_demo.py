@@ -142,6 +142,10 @@ def test_demo_end_to_end_at_toy_size(tmp_path):
         assert set(summary[block]) >= {"accuracy", "mean_length", "levels"}
         assert summary[block]["count"] == 12
     assert "held-out split" in done.stdout and "len change" in done.stdout
+    # The sampled evaluation (temperature 1, 4 per problem) is printed first, greedy beside it.
+    assert done.stdout.index("sampled (temperature 1, 4 per problem)") < done.stdout.index("greedy decoding")
+    for block in ("before", "after"):
+        assert summary["sampled"][block]["count"] == 48 and set(summary["sampled"][block]["levels"]) == set("123456")
     assert open(out / "report.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(out / "hf" / "config.json") and os.path.isfile(out / "metrics.jsonl")
     assert any(f.startswith("events.out") for f in os.listdir(out / "tensorboard"))
