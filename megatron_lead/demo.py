@@ -87,14 +87,27 @@ def run(args: argparse.Namespace) -> int:
 
 def _sampled(args, warm: str, heldout: str) -> dict:
     """The warm start and the trained policy on the held-out split, sampled at temperature 1
-    (`megatron-lead eval`, args.eval_n per problem, float32 as the runs): the primary figures."""
+    (`megatron-lead eval`, args.eval_n per problem, float32 as the runs, with the run's response
+    limit and validation.max_prompts): the primary figures."""
     import math
 
     from megatron_lead.eval import cli as eval_cli
     from megatron_lead.eval.benchmarks import resolve
     from megatron_lead.eval.evaluate import EvalConfig
 
-    bench = resolve(f"arith={heldout}", n=args.eval_n, temperature=1.0, top_p=1.0)
+    import yaml
+
+    with open(os.path.join(args.out, "config.yaml")) as f:  # the run's own limits, as its validation
+        run_cfg = yaml.safe_load(f)
+    limit = run_cfg["validation"]["max_prompts"]
+    if limit:
+        with open(heldout) as f:
+            rows = f.readlines()[:limit]
+        heldout = os.path.join(args.out, "eval_sampled_prompts.jsonl")
+        with open(heldout, "w") as f:
+            f.writelines(rows)
+    bench = resolve(f"arith={heldout}", n=args.eval_n, temperature=1.0, top_p=1.0,
+                    max_len=run_cfg["rollout"]["max_response_len"])
     # force: the run folder's hf/ has new weights after every demo (the same path, another model).
     cfg = EvalConfig(models=[], benchmarks=[bench], out=os.path.join(args.out, "eval_sampled"), dtype="float32",
                      force=True)
