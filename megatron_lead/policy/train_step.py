@@ -40,7 +40,8 @@ class MicroBatch:
     """[b, s] log-probs under the frozen reference, when the KL term is on. Last stage only."""
     rollout_logprobs: torch.Tensor | None = None
     """[b, s] vLLM's sampling log-probs of the same tokens (0 off the response), for the
-    rollout/trainer gap (`rollout/logprob_diff`); the loss does not read them."""
+    rollout/trainer gap (`rollout/logprob_diff`) and the loss's rollout correction
+    (loss.rollout_tis_cap; trainer/ppo.rollout_correction_pass for loss.rollout_seq_mask)."""
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -107,33 +108,39 @@ def _loss_fn(cfg: LossConfig):
     def loss_fn(logits, batch):
         dev = logits.device
         logp, entropy = _token_logprobs(logits, batch, cfg.temperature, cfg.wants_entropy)
-        ref = batch.get("ref_logprobs")
-        loss_sum, num_tokens, stats = policy_loss(
+        ref, rollout = batch.get("ref_logprobs"), batch.get("rollout_logprobs")
+        cu = batch.get("cu_seqlens")
+        loss_sum, count, stats = policy_loss(
             logp, batch["old_logprobs"].to(dev), batch["advantages"].to(dev), batch["response_mask"].to(dev),
-            cfg, ref_logp=None if ref is None else ref.to(dev), entropy=entropy)
+            cfg, ref_logp=None if ref is None else ref.to(dev), entropy=entropy,
+            rollout_logp=rollout.to(dev) if rollout is not None and cfg.rollout_tis_cap > 0 else None,
+            cu_seqlens=None if cu is None else cu.to(dev))
         # (sum, count, stats): with calculate_per_token_loss Megatron divides the gradient by
-        # the count summed over micro-batches and DP ranks, i.e. a global token-mean.
-        # Megatron hands back only the stats, so the count goes in there too.
-        return loss_sum, num_tokens, {**stats, "num_tokens": num_tokens.detach()}
+        # the count summed over micro-batches and DP ranks: a global token-mean, or a global
+        # mean over rollouts (loss.agg_mode). Megatron hands back only the stats, which carry
+        # the count (loss_count) and the token count (num_tokens) too.
+        return loss_sum, count, stats
 
     return loss_fn
 
 
 def _global_token_means(per_micro_batch: list[dict], cfg: LossConfig) -> dict[str, float]:
-    """Sum the metric sums over micro-batches, PP (only the last stage has them) and DP; / tokens."""
+    """Sum the metric sums over micro-batches, PP (only the last stage has them) and DP; / tokens,
+    but the loss / its own count (loss.agg_mode: tokens or rollouts)."""
     from megatron.core import parallel_state
 
     names = ["loss", "pg_loss", "ppo_kl", "clip_frac"]
     names += ["kl_ref"] if cfg.uses_reference else []
     names += ["entropy"] if cfg.wants_entropy else []
-    keys = names + ["num_tokens"]
+    keys = names + ["loss_count", "num_tokens"]
     sums = [0.0] * len(keys)  # stages other than the last have no micro-batch metrics
     if per_micro_batch:  # one device->host copy for all of them
         sums = torch.stack([torch.stack([s[k].double() for k in keys]) for s in per_micro_batch]).sum(0).tolist()
     sums = reduce_scalars(sums, [parallel_state.get_pipeline_model_parallel_group(),
                                  parallel_state.get_data_parallel_group()])
-    tokens = sums[-1]
+    count, tokens = sums[-2], sums[-1]
     out = {n: sums[i] / max(tokens, 1.0) for i, n in enumerate(names)}
+    out["loss"] = sums[0] / max(count, 1.0)
     out["num_tokens"] = tokens
     return out
 
@@ -144,6 +151,9 @@ def train_step(model: list, optimizer, scheduler, micro_batches: list[MicroBatch
 
     model: the DDP-wrapped chunks (optim.wrap_ddp); optimizer, scheduler: optim.build_optimizer.
     Returns global token-mean loss metrics plus grad_norm, lr, skipped; the same on every rank.
+    A mini-batch without a single loss token on any rank (every rollout masked out: loss.mask_truncated,
+    loss.rollout_seq_mask) has no gradient: its update is not taken (`empty` 1.0), so Adam's
+    moments and the weight decay do not move the weights on no data.
     """
     from megatron.core import parallel_state
 
@@ -153,6 +163,9 @@ def train_step(model: list, optimizer, scheduler, micro_batches: list[MicroBatch
             raise ValueError("every micro-batch needs old_logprobs on the last pipeline stage")
         if loss_cfg.uses_reference and any(mb.ref_logprobs is None for mb in micro_batches):
             raise ValueError(f"loss.kl_type={loss_cfg.kl_type} needs ref_logprobs in every micro-batch")
+        if loss_cfg.rollout_tis_cap > 0 and any(mb.rollout_logprobs is None for mb in micro_batches):
+            raise ValueError(f"loss.rollout_tis_cap={loss_cfg.rollout_tis_cap} needs rollout_logprobs in "
+                             "every micro-batch")
 
     # 1. Fresh gradient buffers (Megatron's DDP accumulates into main_grad).
     for chunk in model:
@@ -166,6 +179,8 @@ def train_step(model: list, optimizer, scheduler, micro_batches: list[MicroBatch
     # 3. Metrics over the global batch (the same on every rank), then clip, update, advance the
     #    lr schedule; an update with a non-finite loss or gradient is skipped, touching nothing.
     means = _global_token_means(per_micro_batch, loss_cfg)
+    if means["num_tokens"] == 0:  # global: every rank takes the same branch
+        return {**means, "grad_norm": 0.0, "lr": optimizer.param_groups[0]["lr"], "skipped": 0.0, "empty": 1.0}
     step = optimizer_step(optimizer, scheduler, loss_finite=math.isfinite(means["loss"]))
-    return {**means, **step}
+    return {**means, **step, "empty": 0.0}
 

@@ -92,6 +92,16 @@ class RolloutSection:
     offload_weights: bool = False
     """With offload_train_state: the policy's weights too (2 bytes per parameter in bf16), after
     the weight sync has read them."""
+    filter_groups: bool = False
+    """Train only on prompt groups with a signal: a group whose G scores are all equal (all right
+    or all wrong) is dropped (DAPO's dynamic sampling; trainer/filtering.py). LEAD still scores
+    every sampled rollout; the trained groups fill whole mini-batches, at most prompts_per_step."""
+    filter_keep_eff_varying: bool = True
+    """With filter_groups: keep a zero-variance group whose efficiency reward still varies (LEAD's
+    length signal on solved prompts); false: DAPO's rule (the same for lead.method=grpo)."""
+    refill_max_rounds: int = 0
+    """With filter_groups: while fewer than prompts_per_step groups are kept, sample up to this
+    many more rounds of prompts_per_step prompts each (DAPO's refill); 0: train on what is kept."""
 
     @property
     def offloads(self) -> bool:
@@ -230,11 +240,23 @@ class TrainConfig:
                              "must be >= 0")
         if self.checkpoint.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last={self.checkpoint.keep_last} must be >= 1")
+        self._check_rl_options()
         self.lead.validate()
         self.loss.validate()
         self.optim.validate()
         if check_paths:
             self._check_paths()
+
+    def _check_rl_options(self) -> None:
+        """Group filtering, refill and overlong shaping (the loss's own keys: LossConfig.validate)."""
+        if self.rollout.refill_max_rounds < 0:
+            raise ValueError(f"rollout.refill_max_rounds={self.rollout.refill_max_rounds} must be >= 0")
+        if self.rollout.refill_max_rounds and not self.rollout.filter_groups:
+            raise ValueError("rollout.refill_max_rounds needs rollout.filter_groups=true (only filtering "
+                             "leaves a step short of groups)")
+        if self.loss.overlong_buffer >= self.rollout.max_response_len:
+            raise ValueError(f"loss.overlong_buffer={self.loss.overlong_buffer} must be below "
+                             f"rollout.max_response_len={self.rollout.max_response_len}")
 
     def _check_batch_split(self, dp: int) -> None:
         rollouts = self.ppo.mini_batch_prompts * self.rollout.n
@@ -406,6 +428,9 @@ def build_config(values: dict[str, object]) -> TrainConfig:
     # The loss temperature follows the sampling temperature unless set (validate() checks).
     if "loss.temperature" not in values:
         cfg.loss.temperature = cfg.rollout.temperature
+    # Dr. GRPO's constant normaliser is the generation budget unless set.
+    if not cfg.loss.agg_norm_len:
+        cfg.loss.agg_norm_len = cfg.rollout.max_response_len
     if "optim.total_steps" not in values:
         cfg.optim.total_steps = max(cfg.ppo.steps * cfg.updates_per_step, cfg.optim.warmup_steps + 1)
     return cfg

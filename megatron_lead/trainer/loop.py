@@ -5,7 +5,10 @@
         rollouts      <- weight sync, G samples per prompt from the vLLM replicas (the trainer's
                          gradients and optimizer state wait in host memory meanwhile, on GPU)
         scores        <- the grader (each rank grades a share of the responses)
-        advantages    <- LEAD (or a baseline) over the data-parallel group
+        (refill)      <- with rollout.filter_groups: more rounds of prompts while too few groups
+                         carry a signal (trainer.filtering)
+        advantages    <- LEAD (or a baseline) over the data-parallel group; then the groups and
+                         rows that train (filtering, overlong shaping: trainer.filtering)
         old log-probs <- Megatron's, on the micro-batches the update runs (ratio exactly 1)
         reference     <- the frozen reference's log-probs (KL term)
         update        <- PPO mini-batches through Megatron
@@ -211,21 +214,14 @@ def _rollout_metrics(batch, scores, reasons, result, dp_group) -> dict[str, floa
     return out
 
 
-def train_step(run: Run, step: int) -> dict[str, float]:
-    """One RL step; returns its metrics (the same on every rank)."""
-    from megatron.core import parallel_state
-
-    from megatron_lead.gpu_memory import GB, PeakMeter
-    from megatron_lead.policy.parallel import reduce_scalars
+def _sample_round(run: Run, step: int, r: int, num_updates: int, timer) -> tuple:
+    """One generation round: the sampler's next prompts -> rollouts -> scores. Round r > 0 (a
+    refill) samples with seeds of its own, so a prompt drawn again in a step gets new samples."""
     from megatron_lead.rollout.engine import SamplingConfig
     from megatron_lead.rollout.step import rollout_step, sampling_seed
     from megatron_lead.trainer.grading import grade_rollouts
-    from megatron_lead.trainer.metrics import PhaseTimer
-    from megatron_lead.trainer.ppo import (
-        compute_advantages, mini_batches, old_logprob_pass, ppo_update, reference_pass)
 
-    cfg, timer = run.cfg, PhaseTimer()
-    num_updates = cfg.data.prompts_per_step // cfg.ppo.mini_batch_prompts
+    cfg = run.cfg
     with timer("data"):
         indices = run.sampler.next_batch()
         prompts = [run.prompt_ids[i] for i in indices]
@@ -235,25 +231,49 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                                   max_response_len=cfg.rollout.max_response_len)
         after_sync = run.offload.offload_weights if run.offload and cfg.rollout.offload_weights else None
         batch = rollout_step(run.model, run.engine, run.weight_sync, prompts, sampling, pad_id=run.encoder.pad_token_id,
-                             seeds=[sampling_seed(cfg.seed, step, i) for i in indices],
+                             seeds=[sampling_seed(cfg.seed, step, i + r * len(run.records)) for i in indices],
                              vllm_tp=cfg.rollout.tensor_parallel_size, num_mini_batches=num_updates,
                              after_sync=after_sync)
     with timer("grade"):
         scores, reasons = grade_rollouts(run.grader, run.encoder.decode, batch.all_rollouts, answers)
+    return batch, scores, reasons
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One RL step; returns its metrics (the same on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lead.gpu_memory import GB, PeakMeter
+    from megatron_lead.policy.parallel import reduce_scalars
+    from megatron_lead.trainer import filtering
+    from megatron_lead.trainer.metrics import PhaseTimer
+    from megatron_lead.trainer.ppo import (
+        compute_advantages, mini_batches, old_logprob_pass, ppo_update, reference_pass, rollout_correction_pass)
+
+    cfg, timer, pad = run.cfg, PhaseTimer(), run.encoder.pad_token_id
+    num_updates = cfg.data.prompts_per_step // cfg.ppo.mini_batch_prompts
+    rounds = [_sample_round(run, step, 0, num_updates, timer)]
+    while filtering.wants_refill(cfg, rounds):
+        rounds.append(_sample_round(run, step, len(rounds), num_updates, timer))
+    batch, scores, reasons = filtering.merge_rounds(rounds, cfg.rollout.n, pad)
     with timer("advantages"):
-        result = compute_advantages(run.lead, batch, scores, len(prompts))
+        result = compute_advantages(run.lead, batch, scores, len(scores) // cfg.rollout.n)
+        train_batch, advantages, num_updates, loss_rows, shaping = filtering.training_set(
+            cfg, batch, scores, result.advantages, num_updates, pad, ps.get_data_parallel_group(),
+            ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
     memory = PeakMeter()  # GPU only: the Megatron passes, vLLM asleep
     with timer("old_logprobs"):
-        batches = mini_batches(batch, result.advantages, num_updates, cfg.ppo.micro_batch_size,
-                               pack=cfg.ppo.pack_sequences, max_tokens=cfg.ppo.max_tokens_per_micro_batch)
+        batches = mini_batches(train_batch, advantages, num_updates, cfg.ppo.micro_batch_size,
+                               pack=cfg.ppo.pack_sequences, max_tokens=cfg.ppo.max_tokens_per_micro_batch,
+                               loss_rows=loss_rows)
         logprob_metrics = old_logprob_pass(run.model, batches, cfg.loss.temperature)
+        logprob_metrics.update(rollout_correction_pass(batches, cfg.loss))
     with timer("reference"):
         reference_pass(run.model, run.reference, batches, cfg.loss.temperature)
     with timer("train"):
         train = ppo_update(run.model, run.optimizer, run.scheduler, batches, cfg.loss, cfg.ppo.epochs)
-    metrics = {**batch.metrics, **logprob_metrics,
-               **_rollout_metrics(batch, scores, reasons, result, parallel_state.get_data_parallel_group()),
-               **train}
+    metrics = {**batch.metrics, **logprob_metrics, **shaping,
+               **_rollout_metrics(batch, scores, reasons, result, ps.get_data_parallel_group()), **train}
     if memory.active:
         peak, reserved = reduce_scalars([memory.peak_bytes() / GB, memory.reserved_bytes() / GB],
                                         [dist.group.WORLD], dist.ReduceOp.MAX)
