@@ -16,10 +16,44 @@ from megatron_lead.trainer.config import load_config
 def paths(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (model / "config.json").write_text(json.dumps(_QWEN2))
     data = tmp_path / "train.jsonl"
     data.write_text('{"problem": "1+1", "answer": "2"}\n')
     return {"model.path": str(model), "data.train_path": str(data)}
+
+
+_QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def test_what_a_family_cannot_do_is_refused_before_anything_starts(paths):
+    """A Mistral window shorter than prompt + response, a MoE update at TP > 1, another
+    architecture: one line naming the key, at validate() (tests/test_families*.py cover the model)."""
+    import os
+
+    config = os.path.join(paths["model.path"], "config.json")
+    cases = [({**_QWEN2, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 512},
+              {}, "data.max_prompt_len + rollout.max_response_len of 9024 tokens is longer than this mistral "
+                  "model's sliding_window=512"),
+             ({**_QWEN2, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4,
+               "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
+              {"parallel.tensor_model_parallel_size": 2},
+              "parallel.tensor_model_parallel_size=2: a mixture-of-experts model trains at TP=1"),
+             ({**_QWEN2, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, {}, "GPT2LMHeadModel")]
+    for hf, extra, message in cases:
+        with open(config, "w") as f:
+            json.dump(hf, f)
+        with pytest.raises(ValueError) as err:
+            load_config(None, _args(paths, **extra)).validate(world_size=2)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    # The same Mistral within its window, and the MoE at TP=1, pass.
+    with open(config, "w") as f:
+        json.dump(cases[0][0], f)
+    load_config(None, _args(paths, **{"rollout.max_response_len": 400, "data.max_prompt_len": 100,
+                                      "lead.l_min": 100})).validate(1)
+    with open(config, "w") as f:
+        json.dump(cases[1][0], f)
+    load_config(None, _args(paths)).validate(world_size=2)
 
 
 def _args(paths, **extra):

@@ -304,6 +304,23 @@ class TrainConfig:
                                        ("rollout.tensor_parallel_size", vtp, heads, "attention heads")):
             if count and count % size:
                 raise ValueError(f"{key}={size} does not divide the model's {count} {what}")
+        self._check_family(hf, tp)
+
+    def _check_family(self, hf: dict, tp: int) -> None:
+        """What the model's family cannot do here, refused before any rank starts (the model build
+        and the first forward would refuse it too, later): an unsupported architecture, a sliding
+        window shorter than prompt + response, a mixture-of-experts update at TP > 1."""
+        from megatron_lead.policy.convert.arch import arch_from_hf, check_sequence_length
+
+        try:
+            arch = arch_from_hf(hf)
+            check_sequence_length(arch, self.data.max_prompt_len + self.rollout.max_response_len,
+                                  "data.max_prompt_len + rollout.max_response_len")
+        except ValueError as e:
+            raise ValueError(f"model.path={self.model.path}: {e}") from None
+        if arch.is_moe and tp > 1:
+            raise ValueError(f"parallel.tensor_model_parallel_size={tp}: a mixture-of-experts model trains at "
+                             "TP=1 here (Megatron's MoE layer needs sequence parallelism at TP > 1, not used)")
 
 
 def _check_writable(key: str, path: str) -> None:
