@@ -19,13 +19,16 @@ import pytest
 from megatron_lead.cli import main
 from megatron_lead.plan import memory as M
 from megatron_lead.plan import planner as P
+from megatron_lead.plan import report as R
 from megatron_lead.plan.config import estimate_for_train_config
-from megatron_lead.plan.shapes import ParamTensor, load_shape, megatron_params
+from megatron_lead.plan.shapes import ParamTensor, load_shape, megatron_params, vllm_weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "plan"
 R1_15B = FIXTURES / "deepseek-r1-distill-qwen-1.5b.json"
 QWEN_7B = FIXTURES / "qwen2.5-7b-instruct.json"
+QWEN3_30B_A3B = FIXTURES / "qwen3-30b-a3b.json"
+QWEN3_8B = FIXTURES / "qwen3-8b.json"
 RECIPES = {"r1_distill_qwen_1.5b.yaml": (R1_15B, 1, "l40s"), "qwen2.5_7b_2node.yaml": (QWEN_7B, 2, "h100")}
 
 
@@ -47,6 +50,37 @@ def test_model_sizes_are_the_published_ones():
     norms_per_rank = (2 * 28 + 1) * 3584
     shards = sum(p.numel for p in megatron_params(shape, 4, 1, 0)) * 4
     assert shards == 7_615_616_512 + 3 * norms_per_rank
+
+
+def test_qwen3_sizes_are_the_published_ones():
+    # Qwen's model cards: Qwen3-30B-A3B has 30.5B parameters, 3.3B activated, 29.9B non-embedding;
+    # Qwen3-8B 8.2B, 6.95B non-embedding. Counted by hand from the published architecture (the
+    # fixtures' config.json): q, k, v, o projections (no bias), the q/k norms of head_dim, two norms,
+    # then 128 SwiGLU experts of 768 and the router, or a dense SwiGLU of 12,288. transformers'
+    # own models on the meta device count the same: 30,532,122,624 and 8,190,735,360.
+    moe, dense = load_shape(QWEN3_30B_A3B), load_shape(QWEN3_8B)
+    attention = 2048 * (32 + 2 * 4) * 128 + 32 * 128 * 2048 + 2 * 128
+    expert = 3 * 768 * 2048
+    embeddings = 2 * 151_936 * 2048  # untied: embedding and LM head
+    total = 48 * (attention + 2 * 2048 + 128 * 2048 + 128 * expert) + 2048 + embeddings
+    assert moe.num_params == total == 30_532_122_624
+    assert moe.active_params == total - 48 * (128 - 8) * expert == 3_353_032_704
+    # 3.35B activated (the embedding, the LM head and 8 of 128 experts per layer): the card's 3.3B cuts it.
+    assert (round(total / 1e9, 1), int(moe.active_params / 1e8) / 10, round((total - embeddings) / 1e9, 1)) == (
+        30.5, 3.3, 29.9)
+    attention = 4096 * (32 + 2 * 8) * 128 + 32 * 128 * 4096 + 2 * 128
+    total = 36 * (attention + 2 * 4096 + 3 * 12_288 * 4096) + 4096 + 2 * 151_936 * 4096
+    assert dense.num_params == dense.active_params == total == 8_190_735_360
+    assert round(total / 1e9, 1) == 8.2 and round((total - 2 * 151_936 * 4096) / 1e9, 2) == 6.95
+    # Megatron at EP=8: the dense part on every rank, 16 of the 128 experts each (151,936 = 1,187 x 128:
+    # no vocabulary padding at TP=1); the experts' tensors are the ones DDP keeps apart.
+    params = megatron_params(moe, 1, 1, 0, ep=8)
+    experts = sum(p.numel for p in params if p.expert_parallel)
+    assert experts == 48 * 16 * expert
+    assert sum(p.numel for p in params) - experts + 8 * experts == moe.num_params
+    assert not any(p.expert_parallel for p in megatron_params(moe, 1, 1, 0, ep=1))
+    # vLLM at TP=1 holds the HF model (151,936 is a multiple of 64: no padding), in bf16.
+    assert vllm_weight_bytes(moe, 1) == 2 * moe.num_params and vllm_weight_bytes(dense, 1) == 2 * dense.num_params
 
 
 def test_ddp_layout_follows_megatrons_padding_and_buckets():
@@ -225,3 +259,87 @@ def test_train_prints_the_estimate_and_stops_on_a_gpu_too_small(tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 << 30))
     _check_memory_plan(cfg, 8)
     assert "fits with" in capsys.readouterr().out
+
+
+def test_moe_layouts_add_expert_parallelism_and_say_what_train_cannot_run():
+    shape, cluster = load_shape(QWEN3_30B_A3B), P.Cluster(nodes=2, gpus_per_node=8)
+    w = P.Workload(pack_sequences=True, max_response_len=3000)
+    layouts = P.candidate_layouts(shape, w, cluster)
+    # TP=1 only (the trainer refuses MoE training at TP > 1); every EP dividing DP and the 128 experts.
+    assert {lay.tp for lay in layouts} == {1}
+    by_pp = {}
+    for lay in layouts:
+        by_pp.setdefault((lay.pp, lay.dp), set()).add(lay.ep)
+    assert by_pp == {(1, 16): {1, 2, 4, 8, 16}, (2, 8): {1, 2, 4, 8}, (4, 4): {1, 2, 4}, (8, 2): {1, 2},
+                     (16, 1): {1}}
+    assert {lay.ep for lay in P.candidate_layouts(load_shape(QWEN_7B), w, cluster)} == {1}
+    fits, _ = P.plan(shape, w, cluster)
+    notes = [bool(e.note) for e in fits]
+    assert notes == sorted(notes) and any(notes) and not notes[0]  # what train runs first, EP > 1 after
+    assert all(e.note.startswith(f"EP={e.layout.ep}: for planning and conversion") for e in fits if e.layout.ep > 1)
+    ep = next(e for e in fits if e.layout.ep > 1)
+    assert f"  # expert parallelism EP={ep.layout.ep}: no train key yet" in "\n".join(R.yaml_keys(ep, w))
+    # The experts' optimizer state is sharded over DP / EP: at PP=2 the rank's share of all of it is
+    # the same at EP=1 and EP=8 (16 experts whole against 128 experts' 1/8), its weights are not.
+    states = {e: M.train_state(shape, 1, 2, 0, 8, M.Precision(), ep=e) for e in (1, 8)}
+    assert states[8].weights < states[1].weights / 4
+    assert states[8].optimizer == pytest.approx(states[1].optimizer, rel=1e-3)
+    with pytest.raises(ValueError, match="EP=3 does not divide DP=8"):
+        M.train_state(shape, 1, 2, 0, 8, M.Precision(), ep=3)
+
+
+def test_moe_activations_follow_the_routed_rows():
+    # A MoE layer saves, per token, its routed rows' tensors: top-k of them, whatever the number of
+    # experts (a dense model of the experts' total width would save 128 / 8 times more), and with
+    # EP > 1 the imbalance allowance on them alone.
+    shape = load_shape(QWEN3_30B_A3B)
+    kernels = M.KERNELS["gpu"]
+    one = M.layer_saved(shape, 1, kernels, packed=True)
+    wide = load_shape({**json.loads(QWEN3_30B_A3B.read_text()), "num_experts": 256})
+    assert M.layer_saved(wide, 1, kernels, packed=True)["experts"] == one["experts"]
+    assert one["experts"] == 8 * (2048 * 2 + 3 * 768 * 2 + 4)  # input, fc1 output, SwiGLU output, routing weight
+    top4 = load_shape({**json.loads(QWEN3_30B_A3B.read_text()), "num_experts_per_tok": 4})
+    assert M.layer_saved(top4, 1, kernels, packed=True)["experts"] * 2 == one["experts"]
+    ep = M.layer_saved(shape, 1, kernels, packed=True, ep=4)
+    assert ep["experts"] == M.MOE_EP_IMBALANCE * one["experts"] and ep["attention"] == one["attention"]
+    assert "mlp" not in one and "mlp" in M.layer_saved(load_shape(QWEN3_8B), 1, kernels, packed=True)
+
+
+def test_qwen3_30b_a3b_on_two_h100_nodes_is_what_docs_plan_md_says():
+    shape, cluster = load_shape(QWEN3_30B_A3B), P.Cluster(nodes=2, gpus_per_node=8, gpu_memory_gib=79.1)
+    # The 7B recipe's workload (1,024 + 8,000 tokens): nothing fits; a 9,024-token rollout's activations
+    # alone are ~50 GiB on the first pipeline stage, and the closest layout needs ~92 GiB.
+    fits, rejected = P.plan(shape, P.Workload(pack_sequences=True), cluster)
+    assert not fits
+    closest = min(rejected, key=lambda e: e.training.total)
+    assert (closest.layout.pp, closest.layout.ep) == (16, 1) and 88 < closest.training.total / M.GIB < 96
+    # 1,024 + 3,000 tokens: TP=1 PP=8 DP=2 first (train runs it), micro-batches packed up to 4,608 tokens.
+    w = P.Workload(pack_sequences=True, max_response_len=3000)
+    fits, _ = P.plan(shape, w, cluster)
+    best = fits[0]
+    assert (best.layout.tp, best.layout.pp, best.layout.dp, best.layout.ep, best.layout.vllm_tp) == (1, 8, 2, 1, 2)
+    assert best.micro.max_tokens == 4608 and not best.note
+    doc = (ROOT / "docs" / "PLAN.md").read_text()
+    assert "TP=1 PP=8 DP=2 vLLM-TP=2 dist-opt offload; packed <= 4,608 tokens" in doc
+    rc, out, _ = _run(["plan", "--model", str(QWEN3_30B_A3B), "--nodes", "2", "--gpu-memory-gb", "h100", "--pack",
+                       "--max-response-len", "3000", "--top", "60"])
+    assert rc == 0 and "3.35B active per token" in out and "plan/convert only" in out
+
+
+def test_sliding_window_and_moe_tp_are_refused_in_one_line(tmp_path):
+    mistral = dict(architectures=["MistralForCausalLM"], vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                   sliding_window=4096, max_position_embeddings=32768)
+    (tmp_path / "config.json").write_text(json.dumps(mistral))
+    rc, _, err = _run(["plan", "--model", str(tmp_path / "config.json"), "--nodes", "1"])
+    assert rc == 2 and err.count("\n") == 1 and "9,024 tokens is longer than this mistral model's sliding_window=4,096" \
+        in err
+    rc, out, _ = _run(["plan", "--model", str(tmp_path / "config.json"), "--max-response-len", "3000", "--top", "1"])
+    assert rc == 0 and "layouts that fit" in out
+    from megatron_lead.plan.config import config_layout
+    from megatron_lead.trainer.config import load_config
+
+    cfg = load_config(str(ROOT / "examples" / "recipes" / "qwen2.5_7b_2node.yaml"))
+    shape = load_shape(QWEN3_30B_A3B)
+    _, _, problem = config_layout(cfg, shape, P.Workload(), 16)
+    assert problem.startswith("tensor_model_parallel_size=4: the trainer trains a mixture-of-experts model at TP=1")

@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--model {model}: no such file or folder (an HF folder or its config.json)")
     shape = load_shape(model)
     workload = _apply_flags(workload_from_config(cfg) if cfg is not None else None, args)
+    problem = P.check_workload(shape, workload)
+    if problem:
+        raise ValueError(problem)
 
     own = None
     if cfg is not None:

@@ -39,7 +39,8 @@ def workload_from_config(cfg) -> P.Workload:
 
 def config_layout(cfg, shape: ModelShape, w: P.Workload, world: int
                   ) -> tuple[P.Layout | None, P.MicroBatch | None, str]:
-    """The layout and micro-batch a config runs on `world` GPUs, or a one-line problem."""
+    """The layout and micro-batch a config runs on `world` GPUs, or a one-line problem. The config
+    has no expert-parallel key: a MoE model runs at EP=1 (planner.EP_NOTE)."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     vtp = cfg.rollout.tensor_parallel_size
     if world % (tp * pp):
@@ -48,6 +49,8 @@ def config_layout(cfg, shape: ModelShape, w: P.Workload, world: int
     if world % vtp:
         return None, None, f"rollout.tensor_parallel_size={vtp} does not divide the world size {world}"
     problem = check_split(shape, tp, pp) or check_vllm_split(shape, vtp)
+    if not problem and shape.arch.is_moe and tp > 1:
+        problem = P.MOE_TP_PROBLEM.format(tp=tp)
     if problem:
         return None, None, problem
     layout = P.Layout(tp=tp, pp=pp, dp=world // (tp * pp), vllm_tp=vtp,

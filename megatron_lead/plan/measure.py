@@ -286,6 +286,23 @@ CHECK_SHAPES = {
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                       max_position_embeddings=4096, tie_word_embeddings=True),
 }
+FAMILY_SHAPES = {
+    # Qwen3 dense: an RMSNorm over each query and key head, head_dim 32 with hidden 64 and 4 heads
+    # (heads x head_dim != hidden), no bias, tied embeddings (as Qwen3-0.6B to 4B), a vocabulary TP pads.
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], vocab_size=1000, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  max_position_embeddings=4096, tie_word_embeddings=True),
+    # Qwen3-MoE: the same attention, every layer 4 experts of 32, top-2 renormalised, untied.
+    "qwen3-moe": dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=1000, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                      max_position_embeddings=4096, tie_word_embeddings=False),
+}
+FAMILY_STATE_LAYOUTS = {"qwen3": ((1, 1, 1), (2, 1, 1)), "qwen3-moe": ((1, 1, 1), (1, 1, 2))}
+"""(TP, PP, EP) on 2 ranks: the dense Qwen3 at DP=2 and TP=2; the MoE at DP=2 with its experts in the
+dense buffer (EP=1), and at EP=2, where each rank holds 2 of the 4 experts in buffers of their own
+over an expert-data-parallel group of 1 while the rest is sharded over DP=2."""
+FAMILY_LENGTH = 300
 CHECK_LENGTHS = (64, 300, 1100)
 """Sequence lengths: short, medium, and longer than one log-prob chunk (1,024 tokens)."""
 
@@ -311,56 +328,66 @@ def _micro_batch(vocab: int, length: int, packed: bool, seed: int):
     return batches[0]
 
 
-def measure_all(rank: int, world: int, state_layouts=((1, 1), (2, 1), (1, 2)),
-                lengths=CHECK_LENGTHS, tp2_lengths=(CHECK_LENGTHS[-1],)) -> dict:
-    """Every measurement the planner is checked against, on `world` = 2 gloo ranks (launch.run_local):
+def _shape_config(name: str) -> dict:
+    return CHECK_SHAPES[name] if name in CHECK_SHAPES else FAMILY_SHAPES[name]
 
-    - state: for the first two CHECK_SHAPES at each (TP, PP) of state_layouts (DP = 2 / (TP x PP)),
-      with bf16 + the distributed optimizer, bf16 + Megatron's plain mixed-precision optimizer, and
-      fp32: `state_bytes` after one Adam step;
-    - activations: every CHECK_SHAPE x length x padded/packed at TP=1 (DP=2), the longest lengths
-      again at TP=2, and one shape with Megatron's fused SwiGLU (`bias_activation_fusion`, as on GPU;
-      its jit is off so that CPU needs no compiler: the tensors it saves are the same).
-    Records are plain dicts; planned numbers are computed by the caller.
-    """
-    import megatron.core.jit as jit
 
-    jit.disable_jit_fuser()  # before Megatron's fused SwiGLU module is imported (the fusion check)
+def init_parallel_ep(tp: int, pp: int, ep: int = 1) -> None:
+    """policy.parallel.init_parallel with `ep` expert-parallel ranks carved out of DP: it has no EP
+    argument (the trainer runs EP=1), so, as tests/test_families_model.py does, Megatron's groups
+    are made again with expert_model_parallel_size."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_lead.policy.parallel import init_parallel
+
+    init_parallel(tp, pp)
+    if ep > 1:
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep)
+        model_parallel_cuda_manual_seed(1234)
+
+
+def _measure_state(name: str, tp: int, pp: int, ep: int, bf16: bool, dist: bool, rank: int) -> dict:
+    """Build, wrap, one Adam step, count (state_bytes); one record. Leaves the groups initialised."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lead.policy.model import build_model
+    from megatron_lead.policy.optim import OptimConfig, build_optimizer, wrap_ddp
+
+    init_parallel_ep(tp, pp, ep)
+    oc = OptimConfig(bf16=bf16, distributed_optimizer=dist, lr=1e-3)
+    model = wrap_ddp(build_model(_shape_config(name), dtype=torch.bfloat16 if bf16 else torch.float32,
+                                 attention="sdpa", init_weights=False), oc)
+    optimizer, _ = build_optimizer(model, oc)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    optimizer.step()
+    m = state_bytes(model, optimizer)
+    return dict(shape=name, tp=tp, pp=pp, ep=ep, dp=ps.get_data_parallel_world_size(),
+                dp_rank=ps.get_data_parallel_rank(), expert_dp=ps.get_expert_data_parallel_world_size(),
+                expert_dp_rank=ps.get_expert_data_parallel_rank(), stage=ps.get_pipeline_model_parallel_rank(),
+                bf16=bf16, distributed=dist, rank=rank, **vars(m))
+
+
+_PRECISIONS = ((True, True), (True, False), (False, False))
+"""bf16 + the distributed optimizer, bf16 + Megatron's plain mixed-precision optimizer, fp32."""
+
+
+def _measure_activations(cases: list, rank: int) -> list[dict]:
+    """One micro-batch through each (TP, shape, length, packed, kernels) case, bf16, DDP-wrapped."""
     from megatron.core import parallel_state as ps
 
     from megatron_lead.policy.loss import LossConfig
     from megatron_lead.policy.model import build_model
-    from megatron_lead.policy.optim import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_lead.policy.optim import OptimConfig, wrap_ddp
     from megatron_lead.policy.parallel import destroy_parallel, init_parallel
 
-    out: dict = {"state": [], "activations": []}
-    for name in list(CHECK_SHAPES)[:2]:
-        cfg = CHECK_SHAPES[name]
-        for tp, pp in state_layouts:
-            for bf16, dist in ((True, True), (True, False), (False, False)):
-                init_parallel(tp, pp)
-                oc = OptimConfig(bf16=bf16, distributed_optimizer=dist, lr=1e-3)
-                model = wrap_ddp(build_model(cfg, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                             attention="sdpa", init_weights=False), oc)
-                optimizer, _ = build_optimizer(model, oc)
-                for chunk in model:
-                    chunk.zero_grad_buffer()
-                optimizer.zero_grad()
-                optimizer.step()
-                m = state_bytes(model, optimizer)
-                out["state"].append(dict(shape=name, tp=tp, pp=pp, dp=ps.get_data_parallel_world_size(),
-                                         dp_rank=ps.get_data_parallel_rank(),
-                                         stage=ps.get_pipeline_model_parallel_rank(), bf16=bf16,
-                                         distributed=dist, rank=rank, **vars(m)))
-                destroy_parallel()
-
     loss_cfg = LossConfig()
-    cases = [(1, name, length, packed, "cpu") for name in CHECK_SHAPES for length in lengths
-             for packed in (False, True)]
-    cases += [(1, "qwen-gqa", lengths[1], packed, "cpu-fused-swiglu") for packed in (False, True)]
-    cases += [(2, name, length, packed, "cpu") for name in CHECK_SHAPES for length in tp2_lengths
-              for packed in (False, True)]
     built: dict = {}
+    out = []
     for i, (tp, name, length, packed, kernels) in enumerate(cases):
         key = (tp, name, kernels)
         if key not in built:
@@ -371,13 +398,65 @@ def measure_all(rank: int, world: int, state_layouts=((1, 1), (2, 1), (1, 2)),
                 init_parallel(tp, 1)
             overrides = {"bias_activation_fusion": True} if kernels == "cpu-fused-swiglu" else {}
             oc = OptimConfig(bf16=True, distributed_optimizer=False)
-            built[key] = wrap_ddp(build_model(CHECK_SHAPES[name], dtype=torch.bfloat16, attention="sdpa",
+            built[key] = wrap_ddp(build_model(_shape_config(name), dtype=torch.bfloat16, attention="sdpa",
                                               **overrides), oc)
-        mb = _micro_batch(CHECK_SHAPES[name]["vocab_size"], length, packed, seed=i)
+        mb = _micro_batch(_shape_config(name)["vocab_size"], length, packed, seed=i)
         r = measure_micro_batch(built[key], mb, loss_cfg)
-        out["activations"].append(dict(tp=tp, shape=name, length=length, packed=packed, kernels=kernels,
-                                       rank=rank, entropy=loss_cfg.wants_entropy, **vars(r)))
+        out.append(dict(tp=tp, shape=name, length=length, packed=packed, kernels=kernels, rank=rank,
+                        entropy=loss_cfg.wants_entropy, **vars(r)))
     destroy_parallel()
+    return out
+
+
+def measure_families(rank: int, world: int) -> dict:
+    """The Qwen3 and Qwen3-MoE checks on `world` = 2 gloo ranks: `state_bytes` for each FAMILY_SHAPE
+    at its FAMILY_STATE_LAYOUTS in the three precisions ("family_state"), and the activations of
+    FAMILY_LENGTH tokens, padded and packed, at TP=1 ("family_activations"; the MoE at EP=1, where
+    every expert is local and the routed rows are exactly tokens x top-k, whatever the routing)."""
+    from megatron_lead.policy.parallel import destroy_parallel
+
+    states = []
+    for name, layouts in FAMILY_STATE_LAYOUTS.items():
+        for tp, pp, ep in layouts:
+            for bf16, dist in _PRECISIONS:
+                states.append(_measure_state(name, tp, pp, ep, bf16, dist, rank))
+                destroy_parallel()
+    cases = [(1, name, FAMILY_LENGTH, packed, "cpu") for name in FAMILY_SHAPES for packed in (False, True)]
+    return {"family_state": states, "family_activations": _measure_activations(cases, rank)}
+
+
+def measure_all(rank: int, world: int, state_layouts=((1, 1), (2, 1), (1, 2)),
+                lengths=CHECK_LENGTHS, tp2_lengths=(CHECK_LENGTHS[-1],), families: bool = True) -> dict:
+    """Every measurement the planner is checked against, on `world` = 2 gloo ranks (launch.run_local):
+
+    - state: for the first two CHECK_SHAPES at each (TP, PP) of state_layouts (DP = 2 / (TP x PP)),
+      with bf16 + the distributed optimizer, bf16 + Megatron's plain mixed-precision optimizer, and
+      fp32: `state_bytes` after one Adam step;
+    - activations: every CHECK_SHAPE x length x padded/packed at TP=1 (DP=2), the longest lengths
+      again at TP=2, and one shape with Megatron's fused SwiGLU (`bias_activation_fusion`, as on GPU;
+      its jit is off so that CPU needs no compiler: the tensors it saves are the same);
+    - with `families`, `measure_families` in the same processes (one spawn for all).
+    Records are plain dicts; planned numbers are computed by the caller.
+    """
+    import megatron.core.jit as jit
+
+    jit.disable_jit_fuser()  # before Megatron's fused SwiGLU module is imported (the fusion check)
+    from megatron_lead.policy.parallel import destroy_parallel
+
+    out: dict = {"state": [], "family_state": [], "family_activations": []}
+    for name in list(CHECK_SHAPES)[:2]:
+        for tp, pp in state_layouts:
+            for bf16, dist in _PRECISIONS:
+                out["state"].append(_measure_state(name, tp, pp, 1, bf16, dist, rank))
+                destroy_parallel()
+    cases = [(1, name, length, packed, "cpu") for name in CHECK_SHAPES for length in lengths
+             for packed in (False, True)]
+    cases += [(1, "qwen-gqa", lengths[1], packed, "cpu-fused-swiglu") for packed in (False, True)]
+    cases += [(2, name, length, packed, "cpu") for name in CHECK_SHAPES for length in tp2_lengths
+              for packed in (False, True)]
+    out["activations"] = _measure_activations(cases, rank)
+    if families:
+        out.update(measure_families(rank, world))
     return out
 
 
@@ -388,7 +467,7 @@ def planned_activations(rec: dict):
 
     rows = check_rows(rec["length"], rec["packed"])
     mb = M.MicroBatchShape.pack(sum(rows)) if rec["packed"] else M.MicroBatchShape.padded(len(rows), rec["length"])
-    return M.micro_batch_activations(load_shape(CHECK_SHAPES[rec["shape"]]), rec["tp"], 1, 0, mb,
+    return M.micro_batch_activations(load_shape(_shape_config(rec["shape"])), rec["tp"], 1, 0, mb,
                                      M.KERNELS[rec["kernels"]], 2, entropy=rec["entropy"])
 
 
@@ -396,29 +475,30 @@ def planned_state(rec: dict):
     from megatron_lead.plan import memory as M
     from megatron_lead.plan.shapes import load_shape
 
-    return M.train_state(load_shape(CHECK_SHAPES[rec["shape"]]), rec["tp"], rec["pp"], rec["stage"], rec["dp"],
+    return M.train_state(load_shape(_shape_config(rec["shape"])), rec["tp"], rec["pp"], rec["stage"], rec["dp"],
                          M.Precision(bf16=rec["bf16"], distributed_optimizer=rec["distributed"]),
-                         dp_rank=rec["dp_rank"], fp32_norms=M.KERNELS["cpu"].norm_params_fp32)
+                         dp_rank=rec["dp_rank"], fp32_norms=M.KERNELS["cpu"].norm_params_fp32,
+                         ep=rec.get("ep", 1), expert_dp_rank=rec.get("expert_dp_rank"))
 
 
-def main() -> None:
-    """Print docs/PLAN.md's measured-vs-planned tables (python -m megatron_lead.plan.measure)."""
-    from megatron_lead.launch import run_local
-
-    results = run_local(measure_all, 2, timeout=None)[0]
-    print("| shape | TP | PP | DP | precision | optimizer | weights | grads | main params | moments |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for rec in results["state"]:
+def _state_table(records: list[dict], families: bool) -> None:
+    ep = "EP | expert DP | " if families else ""
+    print(f"| shape | TP | PP | DP | {ep}precision | optimizer | weights | grads | main params | moments |")
+    print("|---|---|---|---|" + ("---|---|" if families else "") + "---|---|---|---|---|---|")
+    for rec in records:
         p = planned_state(rec)
         cells = [f"{rec[k]:,} / {getattr(p, k):,}" for k in ("weights", "grad_buffer", "main_params",
                                                                "optimizer_moments")]
-        print(f"| {rec['shape']} | {rec['tp']} | {rec['pp']} | {rec['dp']} | {'bf16' if rec['bf16'] else 'fp32'} | "
+        ep = f"{rec['ep']} | {rec['expert_dp']} | " if families else ""
+        print(f"| {rec['shape']} | {rec['tp']} | {rec['pp']} | {rec['dp']} | {ep}{'bf16' if rec['bf16'] else 'fp32'} | "
               f"{'distributed' if rec['distributed'] else 'plain'} | " + " | ".join(cells) + " |")
-    print()
+
+
+def _activation_table(records: list[dict]) -> None:
     print("| shape | TP | kernels | length | micro-batch | tokens | saved (measured / planned) | log-prob peak "
           "| sum | whole peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for rec in results["activations"]:
+    for rec in records:
         p = planned_activations(rec)
         total = (rec["saved"] + rec["logprob_peak"]) / (p.saved + p.logprob_peak)
         print(f"| {rec['shape']} | {rec['tp']} | {rec['kernels']} | {rec['length']} | "
@@ -426,6 +506,20 @@ def main() -> None:
               f"{rec['saved']:,} / {p.saved:,} ({rec['saved'] / p.saved:.4f}) | "
               f"{rec['logprob_peak']:,} / {p.logprob_peak:,} ({rec['logprob_peak'] / p.logprob_peak:.4f}) | "
               f"{total:.4f} | {rec['total_peak'] / p.peak:.4f} |")
+
+
+def main() -> None:
+    """Print docs/PLAN.md's measured-vs-planned tables (python -m megatron_lead.plan.measure; rank 0's)."""
+    from megatron_lead.launch import run_local
+
+    results = run_local(measure_all, 2, timeout=None)[0]
+    _state_table(results["state"], families=False)
+    print()
+    _activation_table(results["activations"])
+    print()
+    _state_table(results["family_state"], families=True)
+    print()
+    _activation_table(results["family_activations"])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Training phase (vLLM asleep at level 2: its weights and KV cache freed):
     the distributed optimizer. Modelled as Megatron lays them out: one contiguous buffer per
     dtype, every parameter starting at a multiple of 64 elements and every bucket padded to a
     multiple of lcm(DP, 128) with the distributed optimizer, whose shard of a bucket is its
-    1/DP slice (main params and moments only for the parameter elements in that slice).
+    1/DP slice (main params and moments only for the parameter elements in that slice). With
+    expert parallelism (EP > 1) the experts' weights have buffers of their own, over the
+    expert-data-parallel group of DP / EP ranks (its own padding, its own 1/(DP / EP) shards).
   - `micro_batch_activations`: the bytes autograd saves for the backward of one micro-batch,
     term by term per layer (`layer_saved`), plus the peak of the chunked log-prob
     (policy/logprobs.py: 1024 tokens at a time, never a [tokens x vocab] fp32 tensor) or of the
@@ -14,6 +16,11 @@ Training phase (vLLM asleep at level 2: its weights and KV cache freed):
     follow a `Kernels` profile: "gpu" (Transformer Engine or torch's fused RMSNorm: the norm
     saves its bf16 input; Megatron's fused SwiGLU: only its input) or "cpu" (what runs here,
     where the planner is checked: torch.rms_norm keeps fp32 copies, SwiGLU is unfused).
+    A MoE layer (`moe_saved`) saves, per token, the router's top-k choice and the permutation's
+    indices and masks, and per routed (token, expert) row the expert's input, its SwiGLU tensors
+    and the row's routing weight: balanced routing puts tokens x top-k rows on every EP rank
+    (each EP rank is also a DP rank with a micro-batch of its own); with EP > 1 the busiest
+    rank is allowed MOE_EP_IMBALANCE times that.
   - The KL reference is a host copy swapped into the policy's own storage (policy/reference.py):
     nothing on the GPU but one tensor during the reference pass.
 
@@ -51,6 +58,11 @@ FRAGMENTATION = 0.05
 """Caching-allocator slack on top of the activations (variable micro-batch shapes)."""
 LOSS_BYTES_PER_TOKEN = 32
 """Per-token fp32 tensors of the loss (ratio, masks, KL) saved for the backward."""
+MOE_EP_IMBALANCE = 1.5
+"""With EP > 1, the busiest EP rank's routed rows over the balanced tokens x top-k: routing is not
+balanced micro-batch by micro-batch (this trainer has no load-balancing loss, and none would make
+it exact). An allowance, not a measurement: at EP = 1 every expert is local and the rows are
+exactly tokens x top-k; the first EP run's memory metrics are its check."""
 LOGPROB_STATS_BYTES_PER_TOKEN = 21
 """The chunked log-prob's saved per-token statistics: max, log-sum, entropy (fp32), target (int64),
 outside-slice flag (bool)."""
@@ -187,33 +199,40 @@ class StateBytes:
 
 
 def train_state(shape: ModelShape, tp: int, pp: int, stage: int, dp: int, precision: Precision,
-                dp_rank: int | None = None, fp32_norms: bool = False) -> StateBytes:
+                dp_rank: int | None = None, fp32_norms: bool = False, ep: int = 1,
+                expert_dp_rank: int | None = None) -> StateBytes:
     """Weights, gradient buffer and optimizer state of pipeline stage `stage` on one rank; with the
     distributed optimizer, of DP rank `dp_rank` (None: the largest shard over the DP ranks).
     fp32_norms: norm weights are fp32 (Megatron's local spec); DDP then keeps them in a second
-    buffer, and the mixed-precision optimizer uses them as their own main params."""
-    params = megatron_params(shape, tp, pp, stage)
+    buffer, and the mixed-precision optimizer uses them as their own main params.
+    ep: expert-parallel ranks (a MoE model; they divide DP, as Megatron requires): this rank holds
+    num_experts / ep experts, in buffers of their own over the expert-data-parallel group of
+    dp / ep ranks, of which it is rank `expert_dp_rank` (None: the largest shard)."""
+    if dp % ep:
+        raise ValueError(f"EP={ep} does not divide DP={dp} (Megatron carves expert parallelism out of DP)")
+    params = megatron_params(shape, tp, pp, stage, ep)
     half = precision.bf16
-    groups = {True: [p for p in params if not (half and fp32_norms and p.norm)],
-              False: [p for p in params if half and fp32_norms and p.norm]}  # True: param dtype group
     dist = precision.distributed_optimizer
     weights = grads = main = owned_total = 0
-    for low_precision, group in groups.items():
-        if not group:
-            continue
-        n = sum(p.numel for p in group)
-        layout = ddp_layout(group, dp, dist)
-        elem = precision.param_bytes if low_precision else 4
-        weights += (layout.numel if dist else n) * elem  # without it params keep their own storage
-        grads += layout.numel * 4  # grad_reduce_in_fp32
-        if dist:
-            ranks = range(dp) if dp_rank is None else [dp_rank]
-            owned = max(shard_elements(layout, dp, r) for r in ranks)
-        else:
-            owned = n
-        owned_total += owned
-        if half and low_precision:
-            main += 4 * owned  # fp32 copies of the bf16 params (fp32 params are their own)
+    for expert_parallel, group_dp, group_rank in ((False, dp, dp_rank), (True, dp // ep, expert_dp_rank)):
+        mine = [p for p in params if p.expert_parallel == expert_parallel]
+        for low_precision in (True, False):  # the param dtype's buffer, then the fp32 norms'
+            group = [p for p in mine if low_precision != (half and fp32_norms and p.norm)]
+            if not group:
+                continue
+            n = sum(p.numel for p in group)
+            layout = ddp_layout(group, group_dp, dist)
+            elem = precision.param_bytes if low_precision else 4
+            weights += (layout.numel if dist else n) * elem  # without it params keep their own storage
+            grads += layout.numel * 4  # grad_reduce_in_fp32
+            if dist:
+                ranks = range(group_dp) if group_rank is None else [group_rank]
+                owned = max(shard_elements(layout, group_dp, r) for r in ranks)
+            else:
+                owned = n
+            owned_total += owned
+            if half and low_precision:
+                main += 4 * owned  # fp32 copies of the bf16 params (fp32 params are their own)
     moments = (2 if precision.optimizer == "adam" else 1) * 4 * owned_total
     return StateBytes(weights=weights, grad_buffer=grads, main_params=main, optimizer_moments=moments,
                       num_params=sum(p.numel for p in params))
@@ -240,10 +259,11 @@ class MicroBatchShape:
         return cls(tokens=tokens, positions=tokens, packed=True)
 
 
-def layer_saved(shape: ModelShape, tp: int, kernels: Kernels, packed: bool, dtype_bytes: int = 2
+def layer_saved(shape: ModelShape, tp: int, kernels: Kernels, packed: bool, dtype_bytes: int = 2, ep: int = 1
                 ) -> dict[str, float]:
     """Bytes one transformer layer saves for the backward, per token (and `rope` per position),
-    on one TP rank without sequence parallelism (norms and the residual stream are replicated)."""
+    on one TP rank without sequence parallelism (norms and the residual stream are replicated).
+    Keys: norms, attention, qk_norms (Qwen3), mlp (dense) or router and experts (MoE), rope."""
     a = shape.arch
     h, d, f, b = a.hidden_size, a.head_dim, a.ffn_hidden_size // tp, dtype_bytes
     nq, nkv = a.num_heads // tp, a.num_kv_heads // tp
@@ -257,10 +277,52 @@ def layer_saved(shape: ModelShape, tp: int, kernels: Kernels, packed: bool, dtyp
                  + nq * 4)                  # softmax log-sum-exp, fp32
     if packed and kernels.packed_out_copy:
         attention += nq * d * b             # per-sequence outputs + their concatenation
-    mlp = 2 * f * b + f * b                 # linear_fc1 output, SwiGLU output (linear_fc2's input)
-    if not kernels.fused_swiglu:
-        mlp += 2 * f * b                    # silu(gate) and the copy of the linear half
-    return {"norms": 2 * norm, "attention": attention, "mlp": mlp, "rope": 4 * d * b}
+    out = {"norms": 2 * norm, "attention": attention}
+    if a.qk_norm:
+        # Qwen3's RMSNorm over each query and key head (head_dim wide), before RoPE: per head the CPU
+        # path's fp32 copies of its input and output, or TE's bf16 input (a contiguous copy of the
+        # head's slice of the fused QKV output), and an fp32 rstd. Its output goes to RoPE, which
+        # saves only cos/sin, then to attention as the Q and K already counted.
+        out["qk_norms"] = (nq + nkv) * ((8 * d if kernels.norm_fp32_copies else d * b) + 4)
+    if a.is_moe:
+        out.update(moe_saved(shape, tp, kernels, dtype_bytes, ep))
+    else:
+        mlp = 2 * f * b + f * b             # linear_fc1 output, SwiGLU output (linear_fc2's input)
+        if not kernels.fused_swiglu:
+            mlp += 2 * f * b                # silu(gate) and the copy of the linear half
+        out["mlp"] = mlp
+    out["rope"] = 4 * d * b
+    return out
+
+
+def moe_rows_per_token(shape: ModelShape, ep: int) -> float:
+    """Routed (token, expert) rows one EP rank's experts process per token of its micro-batch:
+    top-k under balanced routing (every EP rank sends and receives tokens x k / EP rows to and from
+    each), times MOE_EP_IMBALANCE for the busiest rank when EP > 1."""
+    return shape.arch.moe_topk * (MOE_EP_IMBALANCE if ep > 1 else 1.0)
+
+
+def moe_saved(shape: ModelShape, tp: int, kernels: Kernels, dtype_bytes: int = 2, ep: int = 1) -> dict[str, float]:
+    """A Megatron-Core MoELayer's saved bytes per token (megatron/core/transformer/moe, unfused
+    router and permutation as policy/model.py configures them):
+
+    - router: the fp32 router's top-k indices (int64), and the softmax it differentiates: over the
+      k chosen logits (norm_topk_prob: Megatron's pre_softmax off) or over all experts; the
+      logits themselves are not kept. The router's input is the pre-MLP norm's output (`norms`);
+    - permutation: the sorted token indices (int64, k per token), the transposed routing map
+      (bool) and routing probabilities (fp32) its masked_select keeps, one per expert;
+    - experts, per routed row: the row's input (h), the SwiGLU's tensors as in a dense MLP but of
+      moe_intermediate_size / TP (fused: fc1's output and the weighted SwiGLU's output; unfused:
+      also silu(gate), the linear half's copy and the product the routing weight scales) and
+      the row's fp32 routing weight.
+    """
+    a = shape.arch
+    h, b, e, k = a.hidden_size, dtype_bytes, a.num_experts, a.moe_topk
+    f = a.moe_ffn_hidden_size // tp
+    router = 8 * k + 4 * (k if a.moe_norm_topk else e)
+    permutation = 8 * k + 5 * e
+    row = h * b + (3 if kernels.fused_swiglu else 6) * f * b + 4
+    return {"router": router + permutation, "experts": moe_rows_per_token(shape, ep) * row}
 
 
 @dataclass
@@ -281,6 +343,10 @@ class ActivationTerms:
     plus chunks (backward), or the output layer's backward, whichever is larger (last stage)."""
     logprob_peak: int
     """Of which the log-prob function's own peak (what tests/test_plan_measure.py measures)."""
+    moe_dispatch: int = 0
+    """A MoE layer's own peak, any stage: two [routed rows, hidden] buffers of the token dispatch
+    alive at once (the all-to-all's output and its sorted copy in the forward, their gradients in
+    the backward). From Megatron's code, not measured; it competes with the log-prob peak."""
 
     @property
     def saved(self) -> int:
@@ -293,15 +359,16 @@ class ActivationTerms:
 
 def micro_batch_activations(shape: ModelShape, tp: int, pp: int, stage: int, mb: MicroBatchShape,
                             kernels: Kernels, dtype_bytes: int = 2, entropy: bool = True,
-                            chunk: int = LOGPROB_CHUNK_TOKENS) -> ActivationTerms:
+                            chunk: int = LOGPROB_CHUNK_TOKENS, ep: int = 1) -> ActivationTerms:
     """Activations of micro-batch `mb` on pipeline stage `stage` (see ActivationTerms)."""
     a = shape.arch
     t, b = mb.tokens, dtype_bytes
-    terms = layer_saved(shape, tp, kernels, mb.packed, dtype_bytes)
-    per_token = terms["norms"] + terms["attention"] + terms["mlp"]
+    terms = layer_saved(shape, tp, kernels, mb.packed, dtype_bytes, ep)
+    per_token = sum(v for key, v in terms.items() if key != "rope")
     per_layer = int(per_token * t + terms["rope"] * mb.positions)
     layers = a.num_layers // pp * per_layer
     edges = logits = transient = lp_peak = 0
+    dispatch = int(2 * moe_rows_per_token(shape, ep) * t * a.hidden_size * b) if a.is_moe else 0
     if stage == 0:
         edges += 8 * t  # token ids, saved by the embedding
     if stage == pp - 1:
@@ -321,7 +388,7 @@ def micro_batch_activations(shape: ModelShape, tp: int, pp: int, stage: int, mb:
                    + t * a.hidden_size * b)
         transient = max(lp_peak, out_bwd)
     return ActivationTerms(layers=layers, per_layer=per_layer, edges=edges, logits=logits,
-                           transient=transient, logprob_peak=lp_peak)
+                           transient=max(transient, dispatch), logprob_peak=lp_peak, moe_dispatch=dispatch)
 
 
 def tp_rank_has_padding(vocab_size: int, tp: int) -> bool:
@@ -374,12 +441,19 @@ def vllm_runtime_bytes(shape: ModelShape, vllm_tp: int, max_num_batched_tokens: 
                        enforce_eager: bool, dtype_bytes: int = 2) -> dict[str, int]:
     """vLLM's memory besides weights and KV cache while awake: the activations of its profiling
     forward (max_num_batched_tokens tokens: the residual stream, one layer's QKV, gate/up and
-    SwiGLU outputs), the sampler's fp32 logits, probabilities and sorted copy for max_num_seqs
-    rows, and its CUDA graphs."""
+    SwiGLU outputs; for a MoE layer the router's logits and the fused-MoE kernel's workspaces,
+    [tokens, k, max(I/TP, h)] and [tokens, k, max(2I/TP, h)], and its [tokens, h] output), the
+    sampler's fp32 logits, probabilities and sorted copy for max_num_seqs rows, and its CUDA
+    graphs."""
     a = shape.arch
-    t = max_num_batched_tokens
+    h, t = a.hidden_size, max_num_batched_tokens
     qkv = (a.num_heads // vllm_tp + 2 * max(1, a.num_kv_heads // vllm_tp)) * a.head_dim
-    forward = t * (2 * a.hidden_size + qkv + 3 * a.ffn_hidden_size // vllm_tp) * dtype_bytes
+    if a.is_moe:
+        f = a.moe_ffn_hidden_size // vllm_tp
+        mlp = a.num_experts + a.moe_topk * (max(f, h) + max(2 * f, h)) + h
+    else:
+        mlp = 3 * a.ffn_hidden_size // vllm_tp
+    forward = t * (2 * h + qkv + mlp) * dtype_bytes
     sampler = max_num_seqs * a.vocab_size * 4 * 3
     graphs = 0 if enforce_eager else int(VLLM_CUDA_GRAPHS_GIB * GIB)
     return {"forward": forward, "sampler": sampler, "graphs": graphs}

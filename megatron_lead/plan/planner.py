@@ -1,12 +1,15 @@
 """From a model, a cluster and a workload to the layouts that fit, phase by phase.
 
-A `Layout` is one way to run: Megatron TP x PP x DP over the world, vLLM's TP, the distributed
-optimizer on or off, the trainer's state offloaded during generation or not. `evaluate` gives its
+A `Layout` is one way to run: Megatron TP x PP x DP over the world (and, for a MoE model, EP
+expert-parallel ranks carved out of DP), vLLM's TP, the distributed optimizer on or off, the
+trainer's state offloaded during generation or not. `evaluate` gives its
 per-GPU peak in the two phases of a colocated step, term by term (memory.py), for the worst GPU
 (pipeline stages differ: the first holds the embedding and the most micro-batches in flight, the
 last the logits and the log-prob peak). `best_micro_batch` finds the largest micro-batch a layout
 fits, and `plan` ranks every candidate layout: fewest model-parallel ranks first, then the
-largest micro-batch, then the most of the step's sequences vLLM can hold at once.
+largest micro-batch, then the most of the step's sequences vLLM can hold at once; layouts the
+trainer cannot run yet (EP > 1: `train` has no expert-parallel key) come after those it can, and
+say so (`Estimate.note`).
 
 Everything here is arithmetic on a config.json: no GPU, no Megatron, no vLLM import.
 """
@@ -19,6 +22,15 @@ from dataclasses import dataclass, field, replace
 
 from megatron_lead.plan import memory as M
 from megatron_lead.plan.shapes import ModelShape, check_split, check_vllm_split, vllm_weight_bytes
+
+EP_NOTE = ("EP={ep}: for planning and conversion (megatron-lead convert --ep {ep}) only: train has no "
+           "expert-parallel key yet")
+"""What a layout with expert parallelism says: Megatron builds and converts it (policy/model.py,
+convert), the trainer's config cannot ask for it yet."""
+MOE_TP_PROBLEM = ("tensor_model_parallel_size={tp}: the trainer trains a mixture-of-experts model at TP=1 only "
+                  "(Megatron's MoE layer needs sequence parallelism at TP > 1, which it does not turn on); "
+                  "split it with PP, or EP when train has it")
+"""Why a MoE layout with TP > 1 is no candidate (policy/model.forward_backward refuses it)."""
 
 GIB = M.GIB
 PACK_ROUNDING = 256
@@ -90,9 +102,14 @@ class Layout:
     vllm_tp: int
     distributed_optimizer: bool
     offload: bool
+    ep: int = 1
+    """Expert-parallel ranks (MoE models; they divide DP and the experts). The experts' weights and
+    gradients are split EP ways; their optimizer state is sharded over the DP / EP ranks of the
+    expert-data-parallel group, so a rank holds as much of it as at EP=1."""
 
     def label(self) -> str:
-        return (f"TP={self.tp} PP={self.pp} DP={self.dp} vLLM-TP={self.vllm_tp} "
+        ep = f" EP={self.ep}" if self.ep > 1 else ""
+        return (f"TP={self.tp} PP={self.pp} DP={self.dp}{ep} vLLM-TP={self.vllm_tp} "
                 f"{'dist-opt' if self.distributed_optimizer else 'plain-opt'} "
                 f"{'offload' if self.offload else 'resident'}")
 
@@ -143,6 +160,8 @@ class Estimate:
     """Pinned host memory per GPU: the reference copy and what is offloaded."""
     problem: str = ""
     """Why it does not fit (one line), or ""."""
+    note: str = ""
+    """Why the trainer cannot run this layout yet although it fits (EP_NOTE), or ""."""
     layer_bytes: dict[str, int] = field(default_factory=dict)
     """One layer's saved activations for the workload's rows, padded and packed (the issue's "per
     layer, with and without packing")."""
@@ -166,7 +185,9 @@ def gib(n: float) -> str:
 
 
 def _allowances(phase: M.Phase, layout: Layout, world: int) -> None:
-    groups = 1 + sum(size > 1 for size in (layout.tp, layout.pp, layout.dp, layout.vllm_tp)) if world > 1 else 0
+    sizes = (layout.tp, layout.pp, layout.dp, layout.vllm_tp, layout.ep,
+             layout.dp // layout.ep if layout.ep > 1 else 1)  # EP and expert-DP communicators
+    groups = 1 + sum(size > 1 for size in sizes) if world > 1 else 0
     phase.add("CUDA context", M.CUDA_CONTEXT_GIB * GIB, "allowance: context, cuBLAS/cuDNN workspaces")
     if groups:
         phase.add("NCCL buffers", groups * M.NCCL_GIB_PER_GROUP * GIB,
@@ -175,9 +196,9 @@ def _allowances(phase: M.Phase, layout: Layout, world: int) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def _state(shape: ModelShape, tp: int, pp: int, stage: int, dp: int, precision: M.Precision,
-           fp32_norms: bool) -> M.StateBytes:
+           fp32_norms: bool, ep: int = 1) -> M.StateBytes:
     """memory.train_state, cached: the searches below ask for the same layouts many times."""
-    return M.train_state(shape, tp, pp, stage, dp, precision, fp32_norms=fp32_norms)
+    return M.train_state(shape, tp, pp, stage, dp, precision, fp32_norms=fp32_norms, ep=ep)
 
 
 def _training(shape: ModelShape, w: Workload, layout: Layout, micro: MicroBatch, world: int
@@ -190,12 +211,17 @@ def _training(shape: ModelShape, w: Workload, layout: Layout, micro: MicroBatch,
     micro_batches = rows_per_rank if micro.pack else max(1, rows_per_rank // micro.micro_batch_size)
     best: tuple[int, M.Phase, int] | None = None
     for stage in range(layout.pp):
-        state = _state(shape, layout.tp, layout.pp, stage, layout.dp, precision, kernels.norm_params_fp32)
+        state = _state(shape, layout.tp, layout.pp, stage, layout.dp, precision, kernels.norm_params_fp32,
+                       layout.ep)
         act = M.micro_batch_activations(shape, layout.tp, layout.pp, stage, mb, kernels, w.dtype_bytes,
-                                        entropy=w.entropy)
+                                        entropy=w.entropy, ep=layout.ep)
         flying = M.in_flight(layout.pp, stage, micro_batches)
         p = M.Phase("training")
-        p.add("weights", state.weights, f"{'bf16' if w.bf16 else 'fp32'} params of this rank's shard")
+        experts = ""
+        if shape.arch.is_moe:
+            experts = (f" ({shape.arch.num_experts // layout.ep} of {shape.arch.num_experts} experts per layer"
+                       + (f", their optimizer over DP/EP={layout.dp // layout.ep}" if layout.ep > 1 else "") + ")")
+        p.add("weights", state.weights, f"{'bf16' if w.bf16 else 'fp32'} params of this rank's shard{experts}")
         p.add("gradient buffer", state.grad_buffer, "fp32 (grad_reduce_in_fp32)")
         if state.main_params:
             p.add("optimizer: main params", state.main_params,
@@ -206,13 +232,19 @@ def _training(shape: ModelShape, w: Workload, layout: Layout, micro: MicroBatch,
         if w.kl_reference:
             p.add("KL reference", 0, "host copy swapped in (policy/reference.py)")
         layers = act.layers // max(1, shape.arch.num_layers // layout.pp)
+        routed = ""
+        if shape.arch.is_moe:
+            routed = (f", routed rows {shape.arch.moe_topk} per token"
+                      + (f" x {M.MOE_EP_IMBALANCE} imbalance allowance" if layout.ep > 1 else ""))
         p.add("activations", flying * act.saved,
               f"{mb.tokens:,} tokens x {shape.arch.num_layers // layout.pp} layers "
-              f"({gib(layers)} GiB/layer)" + (f" x {flying} micro-batches in flight" if flying > 1 else "")
+              f"({gib(layers)} GiB/layer{routed})" + (f" x {flying} micro-batches in flight" if flying > 1 else "")
               + (", logits kept" if act.logits else ""))
-        if act.transient:
+        if act.transient and act.transient > act.moe_dispatch:
             p.add("log-prob / output-layer peak", act.transient,
                   f"chunks of {M.LOGPROB_CHUNK_TOKENS} tokens; logits' gradient")
+        elif act.transient:
+            p.add("MoE dispatch peak", act.transient, "one layer's token-dispatch buffers: 2 x routed rows x hidden")
         p.add("allocator fragmentation", M.FRAGMENTATION * (flying * act.saved + act.transient),
               f"allowance: {M.FRAGMENTATION:.0%} of activations")
         _allowances(p, layout, world)
@@ -227,6 +259,22 @@ def _replica_sequences(w: Workload, layout: Layout, world: int) -> int:
     return -(-w.prompts_per_step // replicas) * w.rollouts_per_prompt
 
 
+def check_workload(shape: ModelShape, w: Workload) -> str | None:
+    """Why the trainer cannot run this workload on this model at all, or None: a sequence longer
+    than a Mistral sliding window (arch.check_sequence_length: Megatron's attention here has none)."""
+    window = shape.arch.sliding_window
+    if window is not None and w.max_len > window:
+        return (f"max_prompt_len + max_response_len = {w.max_len:,} tokens is longer than this {shape.arch.family} "
+                f"model's sliding_window={window:,}, which the trainer refuses (Megatron's attention here has no "
+                "window); keep prompt + response within it")
+    return None
+
+
+def layout_note(layout: Layout) -> str:
+    """What keeps the trainer from running a layout that fits (EP_NOTE), or ""."""
+    return EP_NOTE.format(ep=layout.ep) if layout.ep > 1 else ""
+
+
 def evaluate(shape: ModelShape, w: Workload, cluster: Cluster, layout: Layout, micro: MicroBatch) -> Estimate:
     """Both phases of `layout` with `micro`, and whether they fit (see the module docstring)."""
     world = cluster.world
@@ -234,7 +282,7 @@ def evaluate(shape: ModelShape, w: Workload, cluster: Cluster, layout: Layout, m
     precision = M.Precision(bf16=w.bf16, distributed_optimizer=layout.distributed_optimizer, optimizer=w.optimizer)
     kernels = M.KERNELS[w.kernels]
     # Generation: the worst stage's resident state (stage 0 holds the embedding).
-    state = max((_state(shape, layout.tp, layout.pp, s, layout.dp, precision, kernels.norm_params_fp32)
+    state = max((_state(shape, layout.tp, layout.pp, s, layout.dp, precision, kernels.norm_params_fp32, layout.ep)
                  for s in range(layout.pp)), key=lambda s: s.total)
     g = M.Phase("generation")
     offload_weights = layout.offload and w.offload_weights
@@ -273,7 +321,9 @@ def evaluate(shape: ModelShape, w: Workload, cluster: Cluster, layout: Layout, m
     g.add("KV cache", max(kv_planned, 0),
           f"{sequences} sequences x {kv.blocks_per_sequence} blocks of {w.kv_block_size} tokens"
           + ("" if kv_planned >= kv.bytes else f" ({kv_planned / kv.bytes:.0%} of them at once)"))
-    if training.total > cluster.usable:
+    if workload_problem := check_workload(shape, w):
+        problem = workload_problem
+    elif training.total > cluster.usable:
         problem = (f"training needs {gib(training.total)} GiB with a {micro.worst(w.max_len).tokens:,}-token "
                    f"micro-batch, {gib(training.total - cluster.usable)} GiB over the {gib(cluster.usable)} GiB usable")
     elif kv_planned < replace(kv, sequences=1).bytes:
@@ -287,7 +337,8 @@ def evaluate(shape: ModelShape, w: Workload, cluster: Cluster, layout: Layout, m
     padded = MicroBatch(False, w.micro_batch_size)
     packed = MicroBatch(True, w.micro_batch_size, w.max_tokens_per_micro_batch)
     layer_bytes = {label: M.micro_batch_activations(shape, layout.tp, layout.pp, 0, mb.worst(w.max_len), kern,
-                                                    w.dtype_bytes, entropy=w.entropy).layers // stage_layers
+                                                    w.dtype_bytes, entropy=w.entropy, ep=layout.ep).layers
+                   // stage_layers
                    for label, mb in ((padded.label(w.max_len), padded), (packed.label(w.max_len), packed))}
     host = (state.weights if w.kl_reference else 0)
     if layout.offload:
@@ -296,7 +347,7 @@ def evaluate(shape: ModelShape, w: Workload, cluster: Cluster, layout: Layout, m
                     usable=cluster.usable, total=cluster.total, kv_needed=kv.bytes, kv_planned=max(kv_planned, 0),
                     kv_per_sequence=kv.bytes_per_sequence, sequences=sequences,
                     gpu_memory_utilization=round(util, 2), host_per_gpu=host, problem=problem,
-                    layer_bytes=layer_bytes)
+                    layer_bytes=layer_bytes, note=layout_note(layout))
 
 
 # -------------------------------------------------------------------------------- searching
@@ -337,15 +388,25 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def expert_parallel_sizes(shape: ModelShape, dp: int) -> list[int]:
+    """EP sizes a layout with `dp` data-parallel ranks can take: 1 for a dense model; for a MoE
+    model every EP that divides the experts and DP (Megatron's initialize_model_parallel needs
+    world % (expert TP x EP x PP) == 0, i.e. EP | DP with expert TP = TP)."""
+    if not shape.arch.is_moe:
+        return [1]
+    return [ep for ep in _divisors(dp) if shape.arch.num_experts % ep == 0]
+
+
 def candidate_layouts(shape: ModelShape, w: Workload, cluster: Cluster,
                       distributed: tuple[bool, ...] = (True, False),
                       offload: tuple[bool, ...] = (True, False)) -> list[Layout]:
-    """Every Megatron TP x PP x DP that divides the world and the model (TP within a node), every
-    vLLM TP within a node that the model allows, with the distributed optimizer and offload on/off;
-    the batch must split over DP (the trainer's own check)."""
+    """Every Megatron TP x PP x DP that divides the world and the model (TP within a node; a MoE
+    model at TP=1 only, MOE_TP_PROBLEM, with every EP of expert_parallel_sizes), every vLLM TP
+    within a node that the model allows, with the distributed optimizer and offload on/off; the
+    batch must split over DP (the trainer's own check)."""
     world, out = cluster.world, []
     for tp in _divisors(world):
-        if tp > cluster.gpus_per_node:
+        if tp > cluster.gpus_per_node or (shape.arch.is_moe and tp > 1):
             continue
         for pp in _divisors(world // tp):
             if check_split(shape, tp, pp):
@@ -353,12 +414,13 @@ def candidate_layouts(shape: ModelShape, w: Workload, cluster: Cluster,
             dp = world // (tp * pp)
             if (w.mini_batch_prompts * w.rollouts_per_prompt) % dp:
                 continue
-            for vtp in _divisors(world):
-                if vtp > cluster.gpus_per_node or check_vllm_split(shape, vtp):
-                    continue
-                for dist in distributed:
-                    for off in offload:
-                        out.append(Layout(tp, pp, dp, vtp, dist, off))
+            for ep in expert_parallel_sizes(shape, dp):
+                for vtp in _divisors(world):
+                    if vtp > cluster.gpus_per_node or check_vllm_split(shape, vtp):
+                        continue
+                    for dist in distributed:
+                        for off in offload:
+                            out.append(Layout(tp, pp, dp, vtp, dist, off, ep))
     return out
 
 
@@ -376,8 +438,11 @@ def plan(shape: ModelShape, w: Workload, cluster: Cluster, layouts: list[Layout]
         est = best_micro_batch(shape, replace(w, gpu_memory_utilization=None, kv_cache_memory_bytes=None),
                                cluster, layout)
         (fits if est.fits else rejected).append(est)
-    # Fewest model-parallel ranks, the largest micro-batch, the most concurrent sequences, no
-    # offload (no host copies each step), the most headroom, the smallest vLLM TP (more replicas).
-    fits.sort(key=lambda e: (e.layout.tp * e.layout.pp, -_micro_tokens(e, w.max_len), -round(e.concurrency, 3),
-                             e.layout.offload, e.peak, e.layout.vllm_tp, not e.layout.distributed_optimizer))
+    # What the trainer runs today first (EP > 1 after), then the fewest model-parallel ranks (EP
+    # counted: it splits the experts, at the price of two all-to-alls per layer), the largest
+    # micro-batch, the most concurrent sequences, no offload (no host copies each step), the most
+    # headroom, the smallest vLLM TP (more replicas).
+    fits.sort(key=lambda e: (bool(e.note), e.layout.tp * e.layout.pp * e.layout.ep, -_micro_tokens(e, w.max_len),
+                             -round(e.concurrency, 3), e.layout.offload, e.peak, e.layout.vllm_tp,
+                             not e.layout.distributed_optimizer))
     return fits, rejected
