@@ -101,8 +101,11 @@ def _sampled(args, warm: str, heldout: str) -> dict:
         run_cfg = yaml.safe_load(f)
     limit = run_cfg["validation"]["max_prompts"]
     if limit:
+        from megatron_lead.data import spread
+
         with open(heldout) as f:
-            rows = f.readlines()[:limit]
+            rows = [r for r in f if r.strip()]
+        rows = [rows[i] for i in spread(len(rows), limit)]
         heldout = os.path.join(args.out, "eval_sampled_prompts.jsonl")
         with open(heldout, "w") as f:
             f.writelines(rows)

@@ -263,3 +263,16 @@ def test_stratified_batches_hold_every_level_equally_and_resume():
     assert [a.next_batch() for _ in range(3)] == [b.next_batch() for _ in range(3)]
     with pytest.raises(ValueError, match="group labels"):
         PromptSampler(120, 12, seed=3, groups=levels[:5])
+
+
+def test_capped_validation_spreads_over_a_file_sorted_by_level():
+    """validation.max_prompts keeps every part of the file: 12 of 533 rows sorted by level
+    (the built-in held-out split's order) reach the last level, evenly spaced, in file order."""
+    from megatron_lead.data import spread
+
+    levels = [1 + (6 * i) // 533 for i in range(533)]
+    keep = spread(533, 12)
+    assert keep == sorted(set(keep)) and len(keep) == 12 and keep[0] == 0
+    assert {levels[i] for i in keep} == {1, 2, 3, 4, 5, 6}
+    assert all(1 <= [levels[i] for i in keep].count(lv) <= 3 for lv in range(1, 7))
+    assert spread(5, 0) == spread(5, 9) == [0, 1, 2, 3, 4]

@@ -73,7 +73,7 @@ def _compiled_vs_eager(rank, world_size):
         [g.numpy() for g in eager_grad], [g.numpy() for g in compiled_grad], graphs, breaks
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_compiled_layers_match_eager_without_recompiling():
     problem = policy_model.compile_problem()
     if problem:

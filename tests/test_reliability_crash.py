@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_killed_inside_a_checkpoint_write_resumes_exactly(tmp_path):
     out = tmp_path / "fi"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fault_inject.py"), "--trials", "1",

@@ -82,6 +82,7 @@ def test_gpu_sleep_is_level_2_and_wake_up_passes_tags(monkeypatch):
     assert len(engine.llm.calls) == 5
 
 
+@pytest.mark.long  # four fresh interpreters, two importing vLLM: the extended tier
 def test_vllm_import_keeps_inductor_compile_threads():
     """vLLM's import sets TORCHINDUCTOR_COMPILE_THREADS=1 and Inductor reads it then: the engine's
     import leaves both as a process without vLLM would have them (fresh processes: the variable

@@ -3,7 +3,7 @@
 
 from .chat import DEFAULT_INSTRUCTION, PromptEncoder
 from .datasets import DataStats, PromptRecord, load_prompts
-from .sampler import PromptSampler, epoch_permutation
+from .sampler import PromptSampler, epoch_permutation, spread
 
 __all__ = ["DEFAULT_INSTRUCTION", "DataStats", "PromptEncoder", "PromptRecord", "PromptSampler",
-           "epoch_permutation", "load_prompts"]
+           "epoch_permutation", "load_prompts", "spread"]

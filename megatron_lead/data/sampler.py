@@ -28,6 +28,14 @@ def epoch_permutation(num_prompts: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_prompts, generator=generator).tolist()
 
 
+def spread(num: int, limit: int) -> list[int]:
+    """`limit` indices spread evenly over range(num) (all when limit is 0 or >= num): a capped
+    validation set keeps every part of a file sorted by level or source, not only its head."""
+    if not limit or limit >= num:
+        return list(range(num))
+    return [(i * num) // limit for i in range(limit)]
+
+
 def stratified(order: list[int], groups: list) -> list[int]:
     """`order` interleaved round-robin over the groups (levels) of its items, each group keeping
     its relative order and the groups taken in order of first appearance: consecutive batches of

@@ -154,7 +154,7 @@ class ValidationSection:
     every: int = 20
     """Greedy validation on data.val_path every this many steps (0: never; also runs at the end)."""
     max_prompts: int = 0
-    """Validate on the first this many prompts (0: all)."""
+    """Validate on this many prompts spread evenly over the file (0: all); the same ones every time."""
 
 
 @dataclass

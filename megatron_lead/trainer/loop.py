@@ -75,12 +75,13 @@ def _engine_config(cfg: TrainConfig):
 
 
 def _load_data(cfg: TrainConfig, encoder, path: str, limit: int = 0):
-    from megatron_lead.data import DataStats, load_prompts
+    from megatron_lead.data import DataStats, load_prompts, spread
 
     stats = DataStats()
     records, ids = encoder.encode(load_prompts(path, stats), stats)
     if limit:
-        records, ids = records[:limit], ids[:limit]
+        keep = spread(len(records), limit)
+        records, ids = [records[i] for i in keep], [ids[i] for i in keep]
     if not records:
         raise ValueError(f"{path}: no usable prompt left (all dropped; see the counts: {stats.as_dict()})")
     return records, ids, stats
