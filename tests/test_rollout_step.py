@@ -99,6 +99,9 @@ def _rank(rank, world, tp, pp, hf_dir, out_dir):
 # PP=2: old_logprobs on the last stage only, the metric all-reduced over PP. DP=2: each DP rank
 # keeps its half of the step's rollouts, metrics all-reduced over DP. Four vLLM replicas (TP=1),
 # each generating a quarter of the prompts.
+# The extended tier (`pytest -m long`): four ranks on two cores take a minute; the trainer's e2e
+# runs cover DP=2 and PP=2 rollouts against one rank in CI (tests/test_trainer_e2e.py).
+@pytest.mark.long
 @pytest.mark.parametrize("world,tp,pp", [(4, 1, 2)])
 def test_rollout_step(tmp_path, world, tp, pp):
     import transformers
