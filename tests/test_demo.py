@@ -141,6 +141,8 @@ def test_demo_end_to_end_at_toy_size(tmp_path):
     for block in ("before", "after"):
         assert set(summary[block]) >= {"accuracy", "mean_length", "levels"}
         assert summary[block]["count"] == 12
+        # validation.max_prompts keeps problems spread over the level-sorted file, not its head
+        assert set(summary[block]["levels"]) == set("123456")
     assert "held-out split" in done.stdout and "len change" in done.stdout
     # The sampled evaluation (temperature 1, 4 per problem) is printed first, greedy beside it.
     assert done.stdout.index("sampled (temperature 1, 4 per problem)") < done.stdout.index("greedy decoding")
