@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from megatron_lead.launch import run_local
+from megatron_lead.plan.measure import init_parallel_ep
 from rollout_tiny import save_tiny_family
 
 pytestmark = pytest.mark.slow
@@ -40,22 +41,6 @@ def _tokens():
 
 def _ckpt(root, family, layout):
     return os.path.join(root, f"{family}_tp{layout[0]}_pp{layout[1]}_ep{layout[2]}")
-
-
-def init_layout(tp: int, pp: int, ep: int = 1) -> None:
-    """Megatron's groups for TP x PP with EP expert-parallel ranks (carved out of data parallel).
-    policy.parallel.init_parallel has no EP argument; this is its EP form for the tests."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_lead.policy.parallel import init_parallel
-
-    init_parallel(tp, pp)
-    if ep > 1:
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                                 expert_model_parallel_size=ep)
-        model_parallel_cuda_manual_seed(1234)
 
 
 def _packed_vs_padded(model) -> float | None:
@@ -94,7 +79,7 @@ def _rank(rank, world, root, references):
         hf_dir = os.path.join(root, family)
         hf_tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
         for layout in layouts:
-            init_layout(*layout)
+            init_parallel_ep(*layout)
             model = build_model(hf_dir, init_weights=False)
             load_megatron_checkpoint(model, _ckpt(root, family, layout))
             logits = forward_logits(model, _tokens())
@@ -133,17 +118,17 @@ def _rank(rank, world, root, references):
     window = {**references["mistral_config"], "sliding_window": SEQ - 4}
 
     def long_sequence():
-        init_layout(1, 1)
+        init_parallel_ep(1, 1)
         forward_logits(build_model(window), _tokens())
 
     def moe_update_at_tp2():
-        init_layout(2, 1)
+        init_parallel_ep(2, 1)
         model = build_model(os.path.join(root, "qwen3_moe"))
         forward_backward(model, [{"tokens": _tokens()}], lambda logits, b: (logits.sum(), 1, {}),
                          forward_only=False)
 
     def uneven_expert_parallel_ranks():
-        init_layout(1, 1, 2)
+        init_parallel_ep(1, 1, 2)
         forward_logits(build_model(os.path.join(root, "qwen3_moe")), _tokens()[:, :SEQ - 4 * (rank % 2)])
 
     error("window", long_sequence)

@@ -334,8 +334,8 @@ def _shape_config(name: str) -> dict:
 
 def init_parallel_ep(tp: int, pp: int, ep: int = 1) -> None:
     """policy.parallel.init_parallel with `ep` expert-parallel ranks carved out of DP: it has no EP
-    argument (the trainer runs EP=1), so, as tests/test_families_model.py does, Megatron's groups
-    are made again with expert_model_parallel_size."""
+    argument (the trainer runs EP=1), so Megatron's groups are made again with
+    expert_model_parallel_size (also used by tests/test_families_model.py)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
