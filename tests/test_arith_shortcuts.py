@@ -59,8 +59,9 @@ def test_training_rates_follow_the_risk_and_safe_jumps_never_fail():
     assert direct[0] == 0.0 and all(a < b for a, b in zip(direct, direct[1:]))
     # (A random problem may also hold a cancelling pair by chance: its risk is then lower still.)
     assert S.risk(4) - 0.05 < direct[5] < S.risk(6) + 0.03
-    # Stepping stays the reliable way: at most a few slips in redundant pieces.
-    assert all(rate[(lv, "steps")] < 0.1 for lv in S.LEVELS)
+    # Stepping is the reliable way: no redundant piece (REDUNDANCY 0), so nothing to slip.
+    assert all(rate[(lv, "steps")] == 0.0 for lv in S.LEVELS)
+    assert not any(line.startswith(("Check:", "So far")) for r in train for line in r["solution"].split("\n"))
     # Every jump over an operation and its inverse is right.
     rng = random.Random(0)
     for _ in range(300):
@@ -90,6 +91,7 @@ def test_tokenizer_covers_every_character_and_the_model_fits_it(tmp_path):
     assert cfg["vocab_size"] == S.VOCAB_SIZE == len(tok) and cfg["eos_token_id"] == tok.eos_token_id
     assert cfg["pad_token_id"] == tok.pad_token_id
     assert arith.qwen2_config()["eos_token_id"] == arith.EOS_ID  # arith's unchanged
+    assert (cfg["num_hidden_layers"], arith.qwen2_config()["num_hidden_layers"]) == (S.LAYERS, 4)
 
 
 def test_heldout_is_fixed_and_independent_of_the_training_split():

@@ -54,6 +54,30 @@ def test_standard_errors_and_verdicts_by_hand():
     assert lead["levels"]["1"]["mean_length"] == 61
 
 
+def test_protocol_defaults_and_per_task_warm_start_steps():
+    import argparse
+
+    from megatron_lead.eval import compare
+    from megatron_lead.trainer.warmstart import SFT_SETTINGS, default_steps
+
+    p = argparse.ArgumentParser()
+    compare.add_arguments(p)
+    args = compare.resolve_protocol(p.parse_args([]))
+    assert (args.seeds, args.steps, args.heldout_per_level) == (3, 30, 50)
+    assert compare._methods(args.methods) == list(compare.DEFAULT_METHODS)
+    assert {"lead", "grpo", "static", "shorterbetter", "drpo_style"} <= set(compare.DEFAULT_METHODS)
+    assert set(compare.DEFAULT_METHODS) < set(compare._methods("all")) == set(compare.METHODS)
+    quick = compare.resolve_protocol(p.parse_args(["--quick", "--seeds", "2"]))
+    assert (quick.seeds, quick.steps, compare._methods(quick.methods)) == (2, 12, ["lead", "grpo", "shorterbetter",
+                                                                                    "drpo_style"])
+    with pytest.raises(ValueError, match="unknown"):
+        compare._methods("lead,sol")
+    # The demo's warm start for arith; the second task's is trained longer (its gate, docs/RESULTS.md).
+    assert default_steps("arith") == SFT_SETTINGS["steps"] == 1200 and default_steps("arith_shortcuts") > 1200
+    with pytest.raises(ValueError, match="not one of"):
+        default_steps("gsm8k")
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")

@@ -1,7 +1,7 @@
 """The gate of the `arith-shortcuts` task (issue 18), before any RL: does its warm start compress?
 
     .venv/bin/python tools/arith_shortcuts_gate.py [--warmstart runs/warmstart_arith_shortcuts]
-        [--sft-steps 1200] [--n 8] [--out runs/gate] [--heldout-per-level N]
+        [--sft-steps 2000] [--n 8] [--out runs/gate] [--heldout-per-level N]
 
 Trains (or reuses) the task's warm start (`megatron-lead sft`, the demo's settings), samples it at
 temperature 1, n per held-out problem (`megatron-lead eval`), and sorts every sample by its shape
@@ -97,11 +97,11 @@ def markdown(t: dict) -> str:
 
 
 def main() -> int:
-    from megatron_lead.trainer.warmstart import SFT_SETTINGS, default_folder
+    from megatron_lead.trainer.warmstart import default_folder, default_steps
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--warmstart", default=default_folder(TASK))
-    p.add_argument("--sft-steps", type=int, default=SFT_SETTINGS["steps"])
+    p.add_argument("--sft-steps", type=int, default=default_steps(TASK), help="default: the task's (warmstart.SFT_STEPS)")
     p.add_argument("--n", type=int, default=8, help="samples per held-out problem (temperature 1)")
     p.add_argument("--out", default="runs/gate")
     p.add_argument("--heldout-per-level", type=int, default=0, help="the first N problems of each level only")

@@ -7,8 +7,8 @@ LEAD paper attributes to a target at the shortest correct answer (ShorterBetter'
 global budgets, over-compression of hard problems, cannot happen there (issue 18). Here the
 training solutions show three ways to write the required work:
 
-* step by step, as `arith` (one operation per line, with the same redundant re-checks and
-  restatements and their slips): never wrong but for a slip in a redundant piece;
+* step by step, as `arith` (one operation per line, restating what is left) but without its
+  redundant re-checks and restatements (`REDUNDANCY`): never wrong;
 * with jumps: two consecutive operations in one line, marked, `Jump: 7+3-5=5, now 5+2.`;
 * a direct answer: `Answer: \\boxed{7}` with no step at all.
 
@@ -54,10 +54,20 @@ JUMP_RATE = 0.6
 INVERSE_PAIR_RATE = 0.35
 """Share of problems of level >= 2 that contain an operation followed by its inverse."""
 HELDOUT_PER_LEVEL = 100
+TRAIN_PER_LEVEL = 6000
+"""Training rows per level (arith has 2,000): the warm start sees each about twice in its SFT steps.
+With 2,000 rows (5-8 epochs) more SFT steps made the sampled step-by-step accuracy worse on the
+long held-out problems (docs/RESULTS.md, the gate, attempts 4 and 5): it fits the training
+problems rather than the procedure."""
+REDUNDANCY = 0.0
+"""Chance of each redundant piece (re-check, restatement) after a step; arith's is 0.5. None here:
+the 1M-parameter warm start mis-copies the restatements at temperature 1 often enough that its
+step-by-step samples of six operations were right only 19% of the time (the gate, attempt 3 in
+docs/RESULTS.md), so stepping was not the reliable way the task needs. Jumps and direct answers
+are this task's way to shorten; step by step is the long, safe one."""
 SLIP = 0.01
-"""Slip rate of a redundant piece in a step-by-step solution (arith's is 0.05): low, so that
-stepping stays the reliable way (the gate asks >= 90% accuracy of the warm start's step-by-step
-samples) and the risk this task is about is the jumps'."""
+"""Slip rate of a redundant piece in a step-by-step solution (arith's is 0.05), when `redundancy`
+> 0: low, so that stepping stays the reliable way and the risk this task is about is the jumps'."""
 
 
 def risk(m: int) -> float:
@@ -158,8 +168,8 @@ def _style(rng: random.Random) -> str:
     return STYLES[-1][0]
 
 
-def make_splits(train_per_level: int = 2000, heldout_per_level: int = HELDOUT_PER_LEVEL, seed: int = 4321,
-                redundancy: float = arith.DEFAULT_REDUNDANCY, slip: float = SLIP) -> tuple[list[dict], list[dict]]:
+def make_splits(train_per_level: int = TRAIN_PER_LEVEL, heldout_per_level: int = HELDOUT_PER_LEVEL, seed: int = 4321,
+                redundancy: float = REDUNDANCY, slip: float = SLIP) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows), deterministic for a seed; each from streams of its own (the
     held-out problems do not depend on the training split; a row's style, merges, risks and slips
     are drawn from four more streams). Rows: {"id", "problem", "answer", "level", "solution",
@@ -228,9 +238,16 @@ def save_task_tokenizer(path) -> str:
     return arith.save_task_tokenizer(path, CHARACTERS)
 
 
+LAYERS = 6
+"""Transformer layers of this task's model (arith's has 4). With 4, the warm start's sampled
+step-by-step answers to six operations were right only 43% of the time, almost all wrong in the
+first line's copy of what is left (`4+8+5-5-3+7-6` -> `12+5-5+7+7-6`, around repeated digits and
+cancelling pairs): docs/RESULTS.md, the gate, attempt 6."""
+
+
 def qwen2_config() -> dict:
-    """arith's warm-start model at this task's vocabulary."""
-    return arith.qwen2_config(VOCAB_SIZE, len(CHARACTERS))
+    """arith's warm-start model at this task's vocabulary, `LAYERS` deep."""
+    return {**arith.qwen2_config(VOCAB_SIZE, len(CHARACTERS)), "num_hidden_layers": LAYERS}
 
 
 def write_splits(out_dir, **kw) -> dict:

@@ -1,7 +1,7 @@
 """`megatron-lead compare`: LEAD and its baselines side by side on the built-in tasks (issue 18).
 
     megatron-lead compare [--task arith|arith_shortcuts|both] [--quick] [--out runs/compare]
-        [--methods all] [--seeds 3] [--steps 30] [--prompts-per-step 16] [--eval-n 4] [key=value ...]
+        [--methods default|all|a,b] [--seeds 3] [--steps 30] [--prompts-per-step 16] [--eval-n 4] [key=value ...]
 
 The protocol, the same for every method and fixed before any run (OUT/settings.md says it and why):
 
@@ -57,6 +57,11 @@ METHODS: dict[str, tuple[str, dict, list]] = {
     f"l1_max_b{B_HIGH}": (f"L1-Max with one global budget B = {B_HIGH}",
                           {"method": "l1_max", "global_target": B_HIGH}, []),
 }
+DEFAULT_METHODS = ("lead", "grpo", "static", "shorterbetter", "drpo_style", f"l1_max_b{B_LOW}")
+"""What the default runs (6 methods x 3 seeds x 2 tasks fit the 3-hour budget on the 2-core box,
+docs/BENCHMARKS.md): LEAD, its control, its PSI ablation, the two methods the LEAD paper names, and
+the global budget that binds on required text. `--methods all` adds kimi, l1_max_b120 and the
+target ablations (about 1.6x the time)."""
 QUICK = dict(methods="lead,grpo,shorterbetter,drpo_style", seeds=1, steps=12, heldout_per_level=20)
 WARM = "warm_start"
 
@@ -65,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="both", choices=TASKS + ("both",), help="built-in task(s) (default both)")
     p.add_argument("--quick", action="store_true", help=f"a first look: {QUICK}")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
-    p.add_argument("--methods", default=None, help=f"comma-separated, or all (default): {','.join(METHODS)}")
+    p.add_argument("--methods", default=None, help=f"comma-separated, default ({','.join(DEFAULT_METHODS)}) "
+                   f"or all ({','.join(METHODS)})")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method: 0 .. N-1 (default 3)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default 30)")
     p.add_argument("--prompts-per-step", type=int, default=16, help="prompts per RL step (default 16)")
@@ -75,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="examples/arith/lead.yaml", help="RL settings every run starts from")
     p.add_argument("--warmstart", default=None, help="cache folder of the warm start (one task only; "
                    "default: trainer/warmstart.default_folder of the task)")
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the warm start (default: the demo's)")
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the warm start (default: the task's, "
+                   "trainer/warmstart.SFT_STEPS)")
     p.add_argument("--init", default=None,
                    help="HF folder to start every run from instead of the task's warm start (no SFT)")
     p.add_argument("--heldout-per-level", type=int, default=None,
@@ -86,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_protocol(args) -> argparse.Namespace:
     """The flags with --quick's and the defaults filled in (explicit flags win)."""
-    defaults = dict(methods="all", seeds=3, steps=30, heldout_per_level=50)
+    defaults = dict(methods="default", seeds=3, steps=30, heldout_per_level=50)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, QUICK[key] if args.quick else value)
@@ -100,7 +107,9 @@ def resolve_protocol(args) -> argparse.Namespace:
 
 
 def _methods(text: str) -> list[str]:
-    names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    if text in ("all", "default"):
+        return list(METHODS) if text == "all" else list(DEFAULT_METHODS)
+    names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
         raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
@@ -129,8 +138,9 @@ def settings_text(args, methods: list[str], tasks: list[str]) -> str:
         f"(level-stratified batches), two PPO updates per step, max {args.max_len} response tokens, "
         f"config {args.config} (lr, temperature 1.0, KL, packing) unchanged for every method"
         + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""),
-        f"- global budgets B = {B_LOW} (binds on the required steps of levels >= 3) and {B_HIGH} (binds on "
-        "level 6 only), against warm starts of about 200 tokens on average",
+        f"- global budgets B = {B_LOW} (below the required steps from level 3 of arith, from level 4 of "
+        f"arith_shortcuts) and {B_HIGH} (binds on level 6 only), against warm starts of about 200 (arith) and "
+        "70 (arith_shortcuts) tokens on average",
         f"- evaluation: the first {args.heldout_per_level or 'all'} held-out problems of each level, sampled "
         f"at temperature 1 with {args.eval_n} samples per problem (primary) and greedy (secondary)",
         "", "Why: the same settings for every method, fixed before the runs, so no method is tuned on the "
@@ -212,9 +222,9 @@ def _warm_start(args, task: str, out: str):
     """The task's warm start (cached), or --init; returns (model folder, data paths)."""
     from megatron_lead.launch import run_local
     from megatron_lead.trainer.sft import is_done
-    from megatron_lead.trainer.warmstart import SFT_SETTINGS, default_folder, prepare
+    from megatron_lead.trainer.warmstart import default_folder, default_steps, prepare
 
-    sft, paths = prepare(args.warmstart or default_folder(task), args.sft_steps or SFT_SETTINGS["steps"], task=task)
+    sft, paths = prepare(args.warmstart or default_folder(task), args.sft_steps or default_steps(task), task=task)
     if args.init:
         if not os.path.isfile(os.path.join(args.init, "config.json")):
             raise FileNotFoundError(f"--init {args.init}: no HF model there")
@@ -223,7 +233,8 @@ def _warm_start(args, task: str, out: str):
     if is_done(sft):
         print(f"[{task} 1/4] warm start: cached in {sft.out}")
     else:
-        print(f"[{task} 1/4] warm start: {sft.steps} SFT steps (the demo's; about 7 minutes on 2 cores)", flush=True)
+        print(f"[{task} 1/4] warm start: {sft.steps} SFT steps (the demo's settings; "
+              f"about {round(sft.steps * 0.4 / 60)} minutes on 2 cores)", flush=True)
         run_local(_sft_rank, 1, sft, timeout=None)
     return sft.out, paths
 
