@@ -78,6 +78,20 @@ def test_protocol_defaults_and_per_task_warm_start_steps():
         default_steps("gsm8k")
 
 
+@pytest.mark.parametrize("task", ["arith", "arith_shortcuts"])
+def test_evaluation_prompts_the_task_as_it_was_trained(task):
+    from megatron_lead.eval.benchmarks import PRESETS
+    from megatron_lead.eval.compare import benchmarks
+
+    heldout = os.path.join(REPO, "examples", task, "heldout.jsonl")
+    sampled, greedy = benchmarks(task, heldout, 400, 4)
+    for bench in (sampled, greedy):  # the preset's plain "Q: ...\nA: " prompt, not the generic one
+        assert (bench.instruction, bench.use_chat_template, bench.max_prompt_len) == ("", False, 64)
+        assert bench.instruction == PRESETS[task].instruction and bench.path == heldout and bench.max_len == 400
+    assert (sampled.name, sampled.n, sampled.temperature, sampled.top_p) == (f"{task}_t1", 4, 1.0, 1.0)
+    assert (greedy.name, greedy.n, greedy.temperature) == (f"{task}_greedy", 1, 0.0)
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")

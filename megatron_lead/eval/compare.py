@@ -276,18 +276,31 @@ def _train_runs(args, task: str, out: str, methods: list[str], model: str, train
     return runs, folders
 
 
+def benchmarks(task: str, heldout: str, max_len: int, eval_n: int):
+    """(sampled, greedy) evaluations of `task` on `heldout`: the task's preset (eval/benchmarks.py:
+    the plain "Q: ...\nA: " prompt the warm start was trained on, no instruction, no chat
+    template) under the names TASK_t1 and TASK_greedy. A name that is not a preset would get the
+    generic prompt (the paper's instruction, the chat template), which the task's model has never
+    seen (the arith_shortcuts warm start then scored 3.5% instead of 66%)."""
+    from dataclasses import replace
+
+    from megatron_lead.eval.benchmarks import resolve
+
+    preset = resolve(f"{task}={heldout}", max_len=max_len, top_p=1.0)
+    return (replace(preset, name=f"{task}_t1", n=eval_n, temperature=1.0),
+            replace(preset, name=f"{task}_greedy", n=1, temperature=0.0))
+
+
 def _evaluate(args, task: str, out: str, heldout: str, folders: dict) -> dict[str, dict]:
     """Sampled and greedy evaluation of every model (cached); returns {model: model_metrics}."""
     from megatron_lead.data.arith_shortcuts import shape
     from megatron_lead.eval import cli as eval_cli
     from megatron_lead.eval.aes import AESConstants
-    from megatron_lead.eval.benchmarks import resolve
     from megatron_lead.eval.compare_table import model_metrics
     from megatron_lead.eval.evaluate import EvalConfig, samples_path
     from megatron_lead.trainer.config import load_config
 
-    sampled = resolve(f"{task}_t1={heldout}", max_len=args.max_len, n=args.eval_n, temperature=1.0, top_p=1.0)
-    greedy = resolve(f"{task}_greedy={heldout}", max_len=args.max_len, n=1, temperature=0.0, top_p=1.0)
+    sampled, greedy = benchmarks(task, heldout, args.max_len, args.eval_n)
     # The runs' own rollout dtype (float32 in examples/arith/lead.yaml): vLLM's "auto" would run a
     # float32 model in 16 bits on CPU, and the warm start would score differently than in the demo.
     dtype = load_config(args.config, []).rollout.dtype
