@@ -1,7 +1,7 @@
 """`megatron-lead compare`: LEAD and its baselines side by side on the built-in tasks (issue 18).
 
     megatron-lead compare [--task arith|arith_shortcuts|both] [--quick] [--out runs/compare]
-        [--methods default|all|a,b] [--seeds 3] [--steps 30] [--prompts-per-step 16] [--eval-n 4] [key=value ...]
+        [--methods default|all|a,b] [--seeds 3] [--steps 30] [--prompts-per-step 12] [--eval-n 4] [key=value ...]
 
 The protocol, the same for every method and fixed before any run (OUT/settings.md says it and why):
 
@@ -57,11 +57,11 @@ METHODS: dict[str, tuple[str, dict, list]] = {
     f"l1_max_b{B_HIGH}": (f"L1-Max with one global budget B = {B_HIGH}",
                           {"method": "l1_max", "global_target": B_HIGH}, []),
 }
-DEFAULT_METHODS = ("lead", "grpo", "static", "shorterbetter", "drpo_style", f"l1_max_b{B_LOW}")
-"""What the default runs (6 methods x 3 seeds x 2 tasks fit the 3-hour budget on the 2-core box,
-docs/BENCHMARKS.md): LEAD, its control, its PSI ablation, the two methods the LEAD paper names, and
-the global budget that binds on required text. `--methods all` adds kimi, l1_max_b120 and the
-target ablations (about 1.6x the time)."""
+DEFAULT_METHODS = ("lead", "grpo", "static", "shorterbetter", "drpo_style")
+"""What the default runs: LEAD, its correctness-only control, its PSI ablation and the two methods
+the LEAD paper names. 5 methods x 3 seeds x 2 tasks is what fits the 3-hour budget on the 2-core
+box (docs/BENCHMARKS.md: about 2 minutes of fixed cost and 30 steps of 6-9 s per run); `--methods
+all` adds kimi, the L1-Max budgets and the target ablations (twice the time)."""
 QUICK = dict(methods="lead,grpo,shorterbetter,drpo_style", seeds=1, steps=12, heldout_per_level=20)
 WARM = "warm_start"
 
@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"or all ({','.join(METHODS)})")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method: 0 .. N-1 (default 3)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default 30)")
-    p.add_argument("--prompts-per-step", type=int, default=16, help="prompts per RL step (default 16)")
+    p.add_argument("--prompts-per-step", type=int, default=12,
+                   help="prompts per RL step (default 12: two per level, level-stratified)")
     p.add_argument("--rollouts", type=int, default=8, help="rollouts per prompt (default 8)")
     p.add_argument("--max-len", type=int, default=400, help="max response tokens, in training and evaluation")
     p.add_argument("--eval-n", type=int, default=4, help="samples per held-out problem at temperature 1 (default 4)")
@@ -138,9 +139,10 @@ def settings_text(args, methods: list[str], tasks: list[str]) -> str:
         f"(level-stratified batches), two PPO updates per step, max {args.max_len} response tokens, "
         f"config {args.config} (lr, temperature 1.0, KL, packing) unchanged for every method"
         + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""),
-        f"- global budgets B = {B_LOW} (below the required steps from level 3 of arith, from level 4 of "
-        f"arith_shortcuts) and {B_HIGH} (binds on level 6 only), against warm starts of about 200 (arith) and "
-        "70 (arith_shortcuts) tokens on average",
+        *([f"- global budgets B = {B_LOW} (below the required steps from level 3 of arith, from level 4 of "
+           f"arith_shortcuts) and {B_HIGH} (binds on level 6 only), against warm starts of about 150 (arith) and "
+           "70 (arith_shortcuts) tokens on average, sampled"]
+          if any("global_target" in METHODS[m][1] for m in methods) else []),
         f"- evaluation: the first {args.heldout_per_level or 'all'} held-out problems of each level, sampled "
         f"at temperature 1 with {args.eval_n} samples per problem (primary) and greedy (secondary)",
         "", "Why: the same settings for every method, fixed before the runs, so no method is tuned on the "
