@@ -101,7 +101,8 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--warmstart", default=default_folder(TASK))
-    p.add_argument("--sft-steps", type=int, default=default_steps(TASK), help="default: the task's (warmstart.SFT_STEPS)")
+    p.add_argument("--sft-steps", type=int, default=default_steps(TASK),
+                   help="default: the task's (warmstart.SFT_STEPS)")
     p.add_argument("--n", type=int, default=8, help="samples per held-out problem (temperature 1)")
     p.add_argument("--out", default="runs/gate")
     p.add_argument("--heldout-per-level", type=int, default=0, help="the first N problems of each level only")
