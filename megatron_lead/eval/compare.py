@@ -60,8 +60,8 @@ METHODS: dict[str, tuple[str, dict, list]] = {
 DEFAULT_METHODS = ("lead", "grpo", "static", "shorterbetter", "drpo_style")
 """What the default runs: LEAD, its correctness-only control, its PSI ablation and the two methods
 the LEAD paper names. 5 methods x 3 seeds x 2 tasks is what fits the 3-hour budget on the 2-core
-box (docs/BENCHMARKS.md: about 2 minutes of fixed cost and 30 steps of 6-9 s per run); `--methods
-all` adds kimi, the L1-Max budgets and the target ablations (twice the time)."""
+box (docs/BENCHMARKS.md: about 20 s of start-up and export and 30 steps of 6-9 s per run);
+`--methods all` adds kimi, the L1-Max budgets and the target ablations (twice the time)."""
 QUICK = dict(methods="lead,grpo,shorterbetter,drpo_style", seeds=1, steps=12, heldout_per_level=20)
 WARM = "warm_start"
 
@@ -235,8 +235,8 @@ def _warm_start(args, task: str, out: str):
     if is_done(sft):
         print(f"[{task} 1/4] warm start: cached in {sft.out}")
     else:
-        print(f"[{task} 1/4] warm start: {sft.steps} SFT steps (the demo's settings; "
-              f"about {round(sft.steps * 0.4 / 60)} minutes on 2 cores)", flush=True)
+        print(f"[{task} 1/4] warm start: {sft.steps} SFT steps (the demo's settings; 15-18 minutes on the "
+              "2-core box of docs/BENCHMARKS.md)", flush=True)
         run_local(_sft_rank, 1, sft, timeout=None)
     return sft.out, paths
 
