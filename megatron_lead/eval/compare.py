@@ -108,8 +108,9 @@ def resolve_protocol(args) -> argparse.Namespace:
 
 
 def _methods(text: str) -> list[str]:
-    if text in ("all", "default"):
-        return list(METHODS) if text == "all" else list(DEFAULT_METHODS)
+    named = {"all": list(METHODS), "default": list(DEFAULT_METHODS)}
+    if text in named:
+        return named[text]
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
