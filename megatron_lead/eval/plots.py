@@ -79,7 +79,10 @@ def weights_plot(runs: dict[str, list[str]], out_png: str, title: str = "") -> s
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method, folders in runs.items():
+    # Methods with fixed weights draw the same line (0.5, or 0 without an efficiency reward): a
+    # thicker solid line below, thinner dashed ones on top, so none hides another.
+    styles = ["-", "--", "-.", ":"]
+    for i, (method, folders) in enumerate(runs.items()):
         per_step: dict[int, list[float]] = {}
         for folder in folders:
             path = os.path.join(folder, "metrics.jsonl")
@@ -91,7 +94,8 @@ def weights_plot(runs: dict[str, list[str]], out_png: str, title: str = "") -> s
                     per_step.setdefault(m["step"], []).append(m["lead/w_eff"])
         steps = sorted(per_step)
         if steps:
-            ax.plot(steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], label=method)
+            ax.plot(steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], label=method,
+                    linestyle=styles[i % len(styles)], linewidth=max(3.0 - 0.5 * i, 1.0))
     ax.set_xlabel("step")
     ax.set_ylabel("w_eff used")
     ax.set_title(f"efficiency weight over the steps{': ' + title if title else ''}")
