@@ -63,13 +63,16 @@ def test_protocol_defaults_and_per_task_warm_start_steps():
     p = argparse.ArgumentParser()
     compare.add_arguments(p)
     args = compare.resolve_protocol(p.parse_args([]))
-    assert (args.seeds, args.steps, args.heldout_per_level) == (3, 30, 50)
+    assert (args.task, args.seeds, args.steps, args.heldout_per_level) == ("both", 3, 30, 50)
     assert compare._methods(args.methods) == list(compare.DEFAULT_METHODS)
     assert {"lead", "grpo", "static", "shorterbetter", "drpo_style"} <= set(compare.DEFAULT_METHODS)
     assert set(compare.DEFAULT_METHODS) < set(compare._methods("all")) == set(compare.METHODS)
     quick = compare.resolve_protocol(p.parse_args(["--quick", "--seeds", "2"]))
     assert (quick.seeds, quick.steps, compare._methods(quick.methods)) == (2, 12, ["lead", "grpo", "shorterbetter",
                                                                                     "drpo_style"])
+    # --quick is the demo's task alone (its warm start cached by the demo: 30 minutes from a fresh clone).
+    assert quick.task == "arith"
+    assert compare.resolve_protocol(p.parse_args(["--quick", "--task", "both"])).task == "both"
     with pytest.raises(ValueError, match="unknown"):
         compare._methods("lead,sol")
     # The demo's warm start for arith; the second task's is trained longer (its gate, docs/RESULTS.md).

@@ -22,7 +22,7 @@ The protocol, the same for every method and fixed before any run (OUT/settings.m
                compare.png, w_eff.png (the efficiency weight over the steps, per method)
 
 Every step is cached, so a second call only does what is missing (e.g. after adding a seed).
-`--quick`: four methods, one seed, 12 steps, 20 held-out problems per level: a first look.
+`--quick`: the demo's task, four methods, one seed, 12 steps, 20 held-out problems per level: a first look.
 """
 
 from __future__ import annotations
@@ -62,12 +62,16 @@ DEFAULT_METHODS = ("lead", "grpo", "static", "shorterbetter", "drpo_style")
 the LEAD paper names. 5 methods x 3 seeds x 2 tasks is what fits the 3-hour budget on the 2-core
 box (docs/BENCHMARKS.md: about 20 s of start-up and export and 30 steps of 6-9 s per run);
 `--methods all` adds kimi, the L1-Max budgets and the target ablations (twice the time)."""
-QUICK = dict(methods="lead,grpo,shorterbetter,drpo_style", seeds=1, steps=12, heldout_per_level=20)
+QUICK = dict(task="arith", methods="lead,grpo,shorterbetter,drpo_style", seeds=1, steps=12, heldout_per_level=20)
+"""`--quick`: a first look within 30 minutes on the 2-core box from a fresh clone (docs/BENCHMARKS.md):
+the demo's task only, whose warm start (15 minutes there) the demo caches; `--quick --task both`
+adds the second task and its warm start (about 50 minutes from nothing)."""
 WARM = "warm_start"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="both", choices=TASKS + ("both",), help="built-in task(s) (default both)")
+    p.add_argument("--task", default=None, choices=TASKS + ("both",),
+                   help="built-in task(s) (default both; with --quick, arith)")
     p.add_argument("--quick", action="store_true", help=f"a first look: {QUICK}")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--methods", default=None, help=f"comma-separated, default ({','.join(DEFAULT_METHODS)}) "
@@ -94,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_protocol(args) -> argparse.Namespace:
     """The flags with --quick's and the defaults filled in (explicit flags win)."""
-    defaults = dict(methods="default", seeds=3, steps=30, heldout_per_level=50)
+    defaults = dict(task="both", methods="default", seeds=3, steps=30, heldout_per_level=50)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, QUICK[key] if args.quick else value)
